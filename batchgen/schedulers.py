@@ -55,7 +55,7 @@ class UnknownSchedulerError(ValueError):
         self.hint = f"did you mean `{close[0]}`?" if close else None
         super().__init__(
             f"unknown scheduler `{name}`; known: {', '.join(INVOKEAI_SCHEDULERS)} "
-            ""or a diffusers class name such as `EulerDiscreteScheduler`"
+            "or a diffusers class name such as `EulerDiscreteScheduler`"
         )
 
 
