@@ -1,0 +1,199 @@
+"""The `batchgen` command: thin click commands over the library.
+
+Exit codes: 0 all done, 1 some jobs failed, 2 bad input, 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from batchgen import __version__
+from batchgen.devices import DTYPES, default_dtype, guess_device
+from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
+from batchgen.plan import Plan, make_plan
+from batchgen.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_json_schema
+
+EXIT_BAD_INPUT = 2
+
+recipe_argument = click.argument(
+    "recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="RECIPE.yaml"
+)
+output_option = click.option(
+    "--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Run folder; overrides the recipe's `output` (default: outputs/<name>).",
+)
+max_jobs_option = click.option(
+    "--max-jobs", type=click.IntRange(min=1), default=DEFAULT_MAX_JOBS, show_default=True,
+    help="Refuse recipes whose matrix is larger than this.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+    help="Where to run; auto picks CUDA, then MPS, then the CPU.",
+)
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+    help="auto: float16 on CUDA, float32 elsewhere. Part of each job's id.",
+)
+
+
+class BadInput(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
+def _problems_exit(problems: list[Problem] | tuple[Problem, ...]) -> click.exceptions.Exit:
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    count = len(problems)
+    click.echo(f"{count} problem{'s' if count != 1 else ''}; nothing was run", err=True)
+    return click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
+def _checked_recipe(path: Path, output: Path | None, max_jobs: int) -> Recipe:
+    try:
+        recipe = load_recipe(path, output)
+    except RecipeError as error:
+        raise _problems_exit(error.problems) from None
+    problems = check(recipe, max_jobs)
+    if problems:
+        raise _problems_exit(problems)
+    for warning in recipe.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return recipe
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example: batchgen validate recipes/example.yaml && batchgen run recipes/example.yaml",
+)
+@click.version_option(__version__, prog_name="batchgen")
+def main() -> None:
+    """Stable Diffusion img2img sweeps from YAML recipes: every image, a manifest saying how
+    each was made, and the same pixels again next time."""
+
+
+@main.command()
+@recipe_argument
+@device_option
+@dtype_option
+@output_option
+@max_jobs_option
+@click.option("--fail-fast", is_flag=True, help="Stop at the first job that fails.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary.")
+def run(
+    recipe: Path, device: str, dtype: str, output: Path | None, max_jobs: int,
+    fail_fast: bool, quiet: bool,
+) -> None:
+    """Make every image of RECIPE that its run folder does not have yet.
+
+    \b
+    Example:
+      batchgen run recipes/example.yaml
+      batchgen run sweep.yaml --device cuda:1 --output /data/sweeps/fire
+    """
+    from batchgen.runner import BadInputError
+    from batchgen.runner import run as run_recipe
+
+    try:
+        result = run_recipe(recipe, device=device, dtype=dtype, output=output,
+                            max_jobs=max_jobs, fail_fast=fail_fast, quiet=quiet)
+    except RecipeError as error:
+        raise _problems_exit(error.problems) from None
+    except BadInputError as error:
+        raise BadInput(str(error)) from None
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@recipe_argument
+@device_option
+@dtype_option
+@output_option
+@max_jobs_option
+@click.option("--all", "show_all", is_flag=True, help="List every job, not the first 50.")
+def plan(
+    recipe: Path, device: str, dtype: str, output: Path | None, max_jobs: int, show_all: bool
+) -> None:
+    """Show RECIPE's jobs, what is done and what a run would do. Loads no model.
+
+    \b
+    Example:
+      batchgen plan recipes/example.yaml
+    """
+    checked = _checked_recipe(recipe, output, max_jobs)
+    resolved_dtype = default_dtype(dtype, guess_device(device))
+    _print_plan(make_plan(checked, resolved_dtype), show_all)
+
+
+def _print_plan(the_plan: Plan, show_all: bool) -> None:
+    console = Console()
+    recipe = the_plan.recipe
+    table = Table(title=f"{recipe.name} → {recipe.output}", title_justify="left")
+    for column in ("#", "id", "init", "prompt", "strength", "steps", "taken", "cfg", "seed",
+                   "scheduler", "size", "status"):
+        table.add_column(column, overflow="fold",
+                         justify="right" if column in ("#", "strength", "steps", "taken", "cfg")
+                         else "left")
+    shown = the_plan.jobs if show_all else the_plan.jobs[:50]
+    for planned in shown:
+        job = planned.job
+        table.add_row(
+            str(job.index), job.id[:8], job.init_image.label, job.prompt or '""',
+            f"{job.strength:g}", str(job.steps), str(job.steps_taken), f"{job.cfg:g}",
+            str(job.seed), job.scheduler, f"{job.width}x{job.height}", planned.status,
+        )
+    console.print(table)
+    if len(shown) < len(the_plan.jobs):
+        console.print(f"… {len(the_plan.jobs) - len(shown)} more (--all lists them)")
+    console.print(
+        f"{len(the_plan.jobs)} jobs: {the_plan.count('done')} done, "
+        f"{the_plan.count('failed')} failed, {the_plan.count('todo')} to do; "
+        f"{the_plan.steps_to_run} denoising steps to run "
+        f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps), dtype {the_plan.dtype}"
+    )
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path), metavar="RECIPE.yaml...")
+@max_jobs_option
+def validate(recipes: tuple[Path, ...], max_jobs: int) -> None:
+    """Check recipes without loading torch: every problem at once, with file:line, field and
+    a hint. Exit 2 when any recipe has a problem.
+
+    \b
+    Example:
+      batchgen validate recipes/*.yaml
+    """
+    problems: list[Problem] = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as error:
+            problems += error.problems
+            continue
+        found = check(recipe, max_jobs)
+        problems += found
+        for warning in recipe.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if not found:
+            axes = ", ".join(f"{axis} ×{len(v)}" for axis, v in recipe.axes.items() if len(v) > 1)
+            click.echo(f"{path}: ok, up to {upper_bound(recipe)} jobs ({axes or 'one job'})")
+    if problems:
+        raise _problems_exit(problems)
+
+
+@main.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema, for editors that validate and complete YAML.
+
+    \b
+    Example:
+      batchgen schema > batchgen-recipe.schema.json
+    """
+    click.echo(json.dumps(recipe_json_schema(), indent=2))

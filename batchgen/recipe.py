@@ -1,0 +1,663 @@
+"""YAML recipe → typed, resolved `Recipe`.
+
+The file's shape is a pydantic model (`RecipeFile`, also the source of `batchgen schema`);
+everything pydantic cannot know — globs, files on disk, scheduler and model names, ranges —
+is checked after it. Every problem is collected, not just the first, and names the file, the
+line and the field, with a hint where one helps. Torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
+
+from batchgen import __version__
+from batchgen.images import InitImageError, read_header
+from batchgen.job import InitImage, StepsMode
+from batchgen.models import ModelNotFoundError, ModelSource, resolve_model
+from batchgen.schedulers import UnknownSchedulerError, scheduler_spec
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+# Sweep axes, by the singular name jobs, include/exclude and grids use, with the recipe keys
+# that give them values.
+AXES: tuple[str, ...] = ("init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler")
+AXIS_OF_KEY: dict[str, str] = {
+    "init_images": "init_image",
+    "prompts": "prompt",
+    "prompts_file": "prompt",
+    "strength": "strength",
+    "steps": "steps",
+    "cfg": "cfg",
+    "seeds": "seed",
+    "scheduler": "scheduler",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The file's shape
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class Range(_Strict):
+    """`{start, stop, step}` or `{start, stop, num}`; stop is included."""
+
+    start: float
+    stop: float
+    step: float | None = Field(default=None, gt=0)
+    num: StrictInt | None = Field(default=None, ge=1)
+
+
+class SeedRange(_Strict):
+    """`{start: 1000, count: 8}`: the seeds 1000 … 1007."""
+
+    start: StrictInt = Field(ge=0, le=MAX_SEED)
+    count: StrictInt = Field(ge=1)
+
+
+class Variations(_Strict):
+    count: StrictInt = Field(default=0, ge=0)
+    amount: float = Field(default=0.1, ge=0.0, le=1.0)
+    mode: Literal["noise", "feedback"] = "noise"
+
+
+AxisName = Literal["init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
+
+
+class GridSpec(_Strict):
+    x: AxisName
+    y: AxisName | None = None
+
+
+Strength = Annotated[float, Field(ge=0.0, le=1.0)]
+Steps = Annotated[StrictInt, Field(ge=1)]
+Cfg = Annotated[float, Field(ge=0.0)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Size = Annotated[StrictInt, Field(ge=8, multiple_of=8)]
+
+
+class RecipeFile(_Strict):
+    """A batchgen recipe (v1): init images × prompts × strengths × steps × cfg × seeds."""
+
+    model_config = ConfigDict(title="batchgen recipe")
+
+    name: str | None = Field(default=None, description="Output folder name; default: file stem")
+    model: str = Field(
+        default="builtin:tiny",
+        description="builtin:tiny, a diffusers folder, or a hub id in the local cache",
+    )
+    scheduler: str | list[str] = Field(
+        default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"
+    )
+    init_images: str | list[str] = Field(
+        description="Paths relative to the recipe file; globs allowed"
+    )
+    prompts: str | list[str] | None = None
+    prompts_file: str | None = Field(default=None, description="One prompt a line")
+    negative_prompt: str = ""
+    strength: Strength | list[Strength] | Range = 0.75
+    steps: Steps | list[Steps] | Range = 50
+    steps_mode: Literal["nominal", "effective"] = Field(
+        default="nominal",
+        description="nominal: the denoiser takes int(steps*strength); effective: exactly steps",
+    )
+    cfg: Cfg | list[Cfg] | Range = 7.5
+    seeds: Seed | list[Seed] | SeedRange
+    width: Size | None = None
+    height: Size | None = None
+    fit: StrictBool = Field(
+        default=False, description="Downscale the init image to fit width×height, keeping aspect"
+    )
+    variations: Variations = Field(default_factory=Variations)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    output: str | None = Field(default=None, description="Default: outputs/<name>")
+    intermediates: StrictBool = False
+    grids: list[GridSpec] = Field(default_factory=list)
+
+
+RECIPE_KEYS: tuple[str, ...] = tuple(RecipeFile.model_fields)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = RecipeFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int | None
+    field: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
+        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+
+class RecipeError(Exception):
+    """Bad input: one or more problems, all reported at once."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+PathKey = tuple[str | int, ...]
+
+
+def _field_name(path: PathKey) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+class _Document:
+    """The parsed YAML and the line of every key and item in it."""
+
+    def __init__(self, file: Path, text: str) -> None:
+        self.file = file
+        self.lines: dict[PathKey, int] = {}
+        self.problems: list[Problem] = []
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = mark.line + 1 if mark else None
+            reason = getattr(error, "problem", None) or str(error)
+            self.problems.append(Problem(file, line, "", f"not valid YAML: {reason}"))
+            self.data = None
+            return
+        if node is not None:
+            self._index(node, ())
+
+    def _index(self, node: yaml.Node, path: PathKey) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = key_node.value
+                if key in seen:
+                    self.problems.append(
+                        Problem(
+                            self.file,
+                            key_node.start_mark.line + 1,
+                            _field_name((*path, key)),
+                            "given twice; the later value would silently win",
+                            "keep one",
+                        )
+                    )
+                seen.add(key)
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                self._index(value_node, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._index(item, (*path, index))
+
+    def line(self, path: PathKey) -> int | None:
+        """The line of `path`, or of its nearest parent written in the file; the document's
+        own first line says nothing about a key that is missing, so that is None."""
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path) if path else None
+
+    def problem(self, path: PathKey, message: str, hint: str | None = None) -> Problem:
+        return Problem(self.file, self.line(path), _field_name(path), message, hint)
+
+
+def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:
+    """Pydantic's error location without its union-member tags: only real keys and indexes."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and not path and isinstance(part, str):
+            pass  # a missing top-level field: keep its name below
+        else:
+            continue
+        path.append(part)
+    if not path and loc and isinstance(loc[0], str):
+        path.append(loc[0])
+    return tuple(path)
+
+
+def _shape_problems(doc: _Document, error: ValidationError) -> list[Problem]:
+    """One problem per field: for a union, the error that got deepest into the value."""
+    best: dict[PathKey, tuple[int, dict[str, Any]]] = {}
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        path = _data_path(doc.data, loc)
+        field_path = path[:1]
+        depth = len(path)
+        if field_path not in best or depth > best[field_path][0]:
+            best[field_path] = (depth, {**item, "path": path})
+    problems = []
+    for depth_and_item in best.values():
+        item = depth_and_item[1]
+        path = item["path"]
+        hint = None
+        if item["type"] == "extra_forbidden":
+            choices = (
+                RECIPE_KEYS if len(path) == 1 else _nested_keys(path[0] if path else "")
+            )
+            hint = did_you_mean(str(path[-1]), choices) or f"known keys: {', '.join(choices)}"
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "is required"
+            hint = _REQUIRED_HINTS.get(str(path[-1]))
+        elif item["type"] == "literal_error":
+            message = item["msg"]
+            hint = did_you_mean(str(item["input"]), re.findall(r"'([^']*)'",
+                                                               item["ctx"]["expected"]))
+        else:
+            message = item["msg"]
+            hint = _FIELD_HINTS.get(str(path[0]))
+        problems.append(doc.problem(path, message, hint))
+    return problems
+
+
+def _nested_keys(top: str | int) -> tuple[str, ...]:
+    nested = {"variations": Variations, "grids": GridSpec, "seeds": SeedRange}
+    model = nested.get(str(top), Range)
+    return tuple(model.model_fields)
+
+
+_REQUIRED_HINTS = {
+    "init_images": "list the pictures to start from, e.g. `init_images: [pictures/fire.png]`",
+    "seeds": "give a seed or a list, e.g. `seeds: [1592514025]` or `seeds: {start: 1, count: 4}`",
+}
+_FIELD_HINTS = {
+    "strength": "a number 0–1, a list, or a range {start, stop, step|num}",
+    "steps": "a whole number ≥ 1, a list, or a range {start, stop, step|num}",
+    "cfg": "a number ≥ 0, a list, or a range {start, stop, step|num}",
+    "seeds": "a seed, a list of seeds, or {start, count}",
+    "width": "a multiple of 8, e.g. 512",
+    "height": "a multiple of 8, e.g. 512",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The resolved recipe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    model: ModelSource
+    negative_prompt: str
+    steps_mode: StepsMode
+    width: int | None
+    height: int | None
+    fit: bool
+    # Axis name → its values, in the order the recipe writes the axes (outermost first).
+    axes: dict[str, tuple[Any, ...]]
+    swept: frozenset[str]  # axes given as a list or range
+    include: tuple[dict[str, Any], ...]
+    exclude: tuple[dict[str, Any], ...]
+    output: Path
+    intermediates: bool
+    grids: tuple[GridSpec, ...]
+    lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
+    warnings: tuple[Problem, ...] = ()
+
+    def locked(self) -> dict[str, Any]:
+        """The recipe as resolved — globs expanded, defaults filled — for recipe.lock.yaml."""
+
+        def plain(value: Any) -> Any:
+            return value.label if isinstance(value, InitImage) else value
+
+        return {
+            "batchgen_version": __version__,
+            "name": self.name,
+            "model": {"reference": self.model.reference, "identity": self.model.identity},
+            "init_images": [
+                {"path": image.label, "sha256": image.sha256} for image in self.axes["init_image"]
+            ],
+            **{axis: [plain(v) for v in values] for axis, values in self.axes.items()
+               if axis != "init_image"},
+            "negative_prompt": self.negative_prompt,
+            "steps_mode": self.steps_mode,
+            "width": self.width,
+            "height": self.height,
+            "fit": self.fit,
+            "include": [{k: plain(v) for k, v in entry.items()} for entry in self.include],
+            "exclude": [{k: plain(v) for k, v in entry.items()} for entry in self.exclude],
+            "intermediates": self.intermediates,
+            "grids": [grid.model_dump(exclude_none=True) for grid in self.grids],
+        }
+
+
+def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
+    """Read, validate and resolve a recipe file; raise RecipeError listing every problem."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(file, None, "", "no such recipe file")]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError([Problem(file, None, "", f"cannot read the recipe: {error}")]) from None
+    doc = _Document(file, text)
+    if doc.problems and doc.data is None:
+        raise RecipeError(doc.problems)
+    if not isinstance(doc.data, dict):
+        raise RecipeError(
+            [Problem(file, 1, "", "a recipe is a YAML mapping of keys to values",
+                     "start from recipes/example.yaml")]
+        )
+    problems = list(doc.problems)
+    shape, shape_problems = _validate_shape(doc)
+    resolver = _Resolver(doc, shape, skip={p.field.split(".")[0].split("[")[0]
+                                           for p in shape_problems})
+    recipe = resolver.resolve(output)
+    problems += shape_problems + resolver.problems
+    if problems:
+        raise RecipeError(sorted(problems, key=lambda p: (p.line or 0, p.field)))
+    return recipe
+
+
+# Stand-ins for required fields that are missing or wrong, so that the other fields still get
+# every check and one `validate` reports all problems.
+_PLACEHOLDERS: dict[str, Any] = {"init_images": [], "seeds": 0}
+
+
+def _validate_shape(doc: _Document) -> tuple[RecipeFile, list[Problem]]:
+    """The file's shape; on errors, the shape of the fields that are fine, and the errors."""
+    try:
+        return RecipeFile.model_validate(doc.data), []
+    except ValidationError as error:
+        problems = _shape_problems(doc, error)
+        bad_keys = {item["loc"][0] for item in error.errors() if item["loc"]}
+    good = {key: value for key, value in doc.data.items() if key not in bad_keys}
+    return RecipeFile.model_validate(_PLACEHOLDERS | good), problems
+
+
+class _Resolver:
+    """Checks that need the disk or the name tables, collecting problems as it goes."""
+
+    def __init__(self, doc: _Document, shape: RecipeFile, skip: set[str]) -> None:
+        self.doc = doc
+        self.shape = shape
+        self.skip = skip  # fields whose shape was wrong: already reported, stand-ins now
+        self.base = doc.file.resolve().parent
+        self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+        self.init_images: dict[Path, InitImage] = {}
+
+    def fail(self, path: PathKey, message: str, hint: str | None = None) -> None:
+        if str(path[0]) in self.skip:
+            return
+        self.problems.append(self.doc.problem(path, message, hint))
+
+    def resolve(self, output: Path | None) -> Recipe:
+        shape = self.shape
+        name = shape.name or self.doc.file.stem
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            self.fail(("name",), f"`{name}` cannot name a folder", "use letters, digits, - and _")
+        model = self._model()
+        axes = {
+            "init_image": self._init_images(),
+            "prompt": self._prompts(),
+            "strength": self._numbers("strength", shape.strength, float),
+            "steps": self._numbers("steps", shape.steps, int),
+            "cfg": self._numbers("cfg", shape.cfg, float),
+            "seed": self._seeds(),
+            "scheduler": self._schedulers(),
+        }
+        if shape.variations.count > 0:
+            self.fail(("variations", "count"), "variations are not supported by this version yet",
+                      "set `count: 0` or remove `variations`")
+        if shape.intermediates:
+            self.warnings.append(self.doc.problem(
+                ("intermediates",), "not saved by this version yet; the run goes on without"))
+        if shape.grids:
+            self.warnings.append(self.doc.problem(
+                ("grids",), "grids are not drawn by this version yet; the run goes on without"))
+        written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
+        order = list(dict.fromkeys(written + list(AXES)))
+        swept = frozenset(
+            AXIS_OF_KEY[key] for key, value in self.doc.data.items()
+            if key in AXIS_OF_KEY and (isinstance(value, list | dict) or key == "prompts_file")
+        )
+        if output is None:
+            output = self.base / shape.output if shape.output else Path("outputs") / name
+        return Recipe(
+            path=self.doc.file,
+            name=name,
+            model=model,  # type: ignore[arg-type]  # None only when a problem was recorded
+            negative_prompt=shape.negative_prompt,
+            steps_mode=shape.steps_mode,
+            width=shape.width,
+            height=shape.height,
+            fit=shape.fit,
+            axes={axis: axes[axis] for axis in order},
+            swept=swept,
+            include=self._matrix_entries("include", axes),
+            exclude=self._matrix_entries("exclude", axes),
+            output=output.absolute(),
+            intermediates=shape.intermediates,
+            grids=tuple(shape.grids),
+            lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
+            warnings=tuple(self.warnings),
+        )
+
+    def _model(self) -> ModelSource | None:
+        try:
+            return resolve_model(self.shape.model, self.base)
+        except ModelNotFoundError as error:
+            self.fail(("model",), str(error), error.hint)
+            return None
+
+    def _init_image(self, path: PathKey, pattern: str) -> list[InitImage]:
+        full = Path(os.path.normpath(self.base / Path(pattern).expanduser()))
+        matches = sorted(glob.glob(str(full), recursive=True)) if glob.has_magic(pattern) else [
+            str(full)]
+        if not matches or not Path(matches[0]).exists():
+            self.fail(path, f"no file matches `{pattern}` (looked in {self.base})",
+                      "paths are relative to the recipe file's folder")
+            return []
+        images = []
+        for match in matches:
+            file = Path(match)
+            if file in self.init_images:
+                images.append(self.init_images[file])
+                continue
+            try:
+                header = read_header(file)
+            except InitImageError as error:
+                self.fail(path, str(error))
+                continue
+            try:
+                label = file.relative_to(self.base).as_posix()
+            except ValueError:
+                label = str(file)
+            image = InitImage(file, label, header.sha256, header.width, header.height)
+            self.init_images[file] = image
+            images.append(image)
+        return images
+
+    def _init_images(self) -> tuple[InitImage, ...]:
+        patterns = self.shape.init_images
+        if isinstance(patterns, str):
+            return tuple(self._init_image(("init_images",), patterns))
+        if not patterns:
+            self.fail(("init_images",), "is empty", "list at least one picture")
+        found = [self._init_image(("init_images", i), p) for i, p in enumerate(patterns)]
+        return tuple(dict.fromkeys(image for images in found for image in images))
+
+    def _prompts(self) -> tuple[str, ...]:
+        shape = self.shape
+        if (shape.prompts is None) == (shape.prompts_file is None):
+            key = "prompts_file" if shape.prompts is not None else "prompts"
+            self.fail((key,), "give either `prompts` or `prompts_file`, exactly one of them")
+            return ()
+        if shape.prompts_file is not None:
+            file = self.base / Path(shape.prompts_file).expanduser()
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                self.fail(("prompts_file",), f"cannot read {file}: {error}")
+                return ()
+            prompts = tuple(line.strip() for line in lines if line.strip())
+            if not prompts:
+                self.fail(("prompts_file",), f"{file} has no prompts", "one prompt a line")
+            return prompts
+        prompts = (shape.prompts,) if isinstance(shape.prompts, str) else tuple(shape.prompts or ())
+        if not prompts:
+            self.fail(("prompts",), "is empty", "give at least one prompt (it may be \"\")")
+        return prompts
+
+    def _numbers(self, key: str, value: Any, kind: type) -> tuple[Any, ...]:
+        if isinstance(value, Range):
+            values = self._expand_range(key, value)
+            if not values:
+                return ()  # _expand_range said why
+        else:
+            values = value if isinstance(value, list) else [value]
+        if not values:
+            self.fail((key,), "is empty", _FIELD_HINTS[key])
+        if kind is int and any(float(v) != int(v) for v in values):
+            self.fail((key,), f"must be whole numbers, got {values}", _FIELD_HINTS[key])
+            return ()
+        checked = [kind(v) for v in values]
+        for number in checked:
+            try:
+                _AXIS_ITEM[key].validate_python(number)
+            except ValidationError as error:
+                self.fail((key,), f"{number}: {error.errors()[0]['msg']}", _FIELD_HINTS[key])
+        return tuple(dict.fromkeys(checked))
+
+    def _expand_range(self, key: str, spec: Range) -> list[float]:
+        if (spec.step is None) == (spec.num is None):
+            self.fail((key,), "a range takes either `step` or `num`, exactly one",
+                      "{start: 0.3, stop: 0.9, step: 0.2} or {start: 0.3, stop: 0.9, num: 4}")
+            return []
+        if spec.stop < spec.start:
+            self.fail((key, "stop"), f"stop {spec.stop} is below start {spec.start}")
+            return []
+        if spec.num is not None:
+            if spec.num == 1:
+                return [spec.start]
+            gap = (spec.stop - spec.start) / (spec.num - 1)
+            return [round(spec.start + i * gap, 10) for i in range(spec.num)]
+        assert spec.step is not None
+        count = math.floor((spec.stop - spec.start) / spec.step + 1e-9) + 1
+        return [round(spec.start + i * spec.step, 10) for i in range(count)]
+
+    def _seeds(self) -> tuple[int, ...]:
+        seeds = self.shape.seeds
+        if isinstance(seeds, SeedRange):
+            if seeds.start + seeds.count - 1 > MAX_SEED:
+                self.fail(("seeds", "count"), f"the last seed would pass {MAX_SEED}")
+                return ()
+            return tuple(range(seeds.start, seeds.start + seeds.count))
+        values = seeds if isinstance(seeds, list) else [seeds]
+        if not values:
+            self.fail(("seeds",), "is empty", _FIELD_HINTS["seeds"])
+        return tuple(dict.fromkeys(values))
+
+    def _schedulers(self) -> tuple[str, ...]:
+        names = self.shape.scheduler
+        listed = [names] if isinstance(names, str) else names
+        for index, name in enumerate(listed):
+            try:
+                scheduler_spec(name)
+            except UnknownSchedulerError as error:
+                where: PathKey = ("scheduler",) if isinstance(names, str) else ("scheduler", index)
+                self.fail(where, str(error), error.hint)
+        if not listed:
+            self.fail(("scheduler",), "is empty", "e.g. `scheduler: k_lms`")
+        return tuple(dict.fromkeys(listed))
+
+    def _matrix_entries(
+        self, key: str, axes: dict[str, tuple[Any, ...]]
+    ) -> tuple[dict[str, Any], ...]:
+        """include/exclude entries with their values checked and normalised like the axes'."""
+        entries = []
+        for index, raw in enumerate(getattr(self.shape, key)):
+            entry: dict[str, Any] = {}
+            for axis, value in raw.items():
+                where: PathKey = (key, index, axis)
+                if axis not in AXES:
+                    self.fail(where, f"`{axis}` is not a sweep axis",
+                              did_you_mean(str(axis), AXES) or f"axes: {', '.join(AXES)}")
+                    continue
+                normalised = self._entry_value(where, axis, value, axes[axis])
+                if normalised is not None:
+                    entry[axis] = normalised
+            if not raw:
+                self.fail((key, index), "is empty", "name at least one axis and value")
+            entries.append(entry)
+        return tuple(entries)
+
+    def _entry_value(self, where: PathKey, axis: str, value: Any, known: tuple[Any, ...]) -> Any:
+        if axis == "init_image":
+            for image in known:
+                if value in (image.label, image.path.name, image.path.stem):
+                    return image
+            images = self._init_image(where, str(value))
+            return images[0] if images else None
+        if axis == "scheduler":
+            try:
+                scheduler_spec(str(value))
+            except UnknownSchedulerError as error:
+                self.fail(where, str(error), error.hint)
+                return None
+            return str(value)
+        if axis == "prompt":
+            return str(value)
+        try:
+            return _AXIS_ITEM[axis].validate_python(value)
+        except ValidationError as error:
+            self.fail(where, error.errors()[0]["msg"], _FIELD_HINTS.get(
+                "seeds" if axis == "seed" else axis))
+            return None
+
+
+# Validators for one value of a numeric axis, shared by ranges and include/exclude entries.
+_AXIS_ITEM: dict[str, TypeAdapter[Any]] = {
+    "strength": TypeAdapter(Strength),
+    "steps": TypeAdapter(Steps),
+    "cfg": TypeAdapter(Cfg),
+    "seed": TypeAdapter(Seed),
+}

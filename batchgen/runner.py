@@ -1,0 +1,218 @@
+"""`batchgen run` as a library call: check the recipe, load the model once, make every image
+the run folder does not have yet, a manifest row as each one finishes.
+
+Bad input is found before the model loads. A job that fails is recorded and the run goes on
+(unless `fail_fast`). SIGINT/SIGTERM stop the run after the current image; running the same
+command again finishes the rest.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import FrameType
+
+from batchgen.images import PreparedImage, is_small, prepare, read_header
+from batchgen.job import Job
+from batchgen.matrix import DEFAULT_MAX_JOBS, check
+from batchgen.plan import make_plan
+from batchgen.progress import Reporter, make_reporter
+from batchgen.recipe import Recipe, RecipeError, load_recipe
+from batchgen.store import (
+    Manifest,
+    ManifestRow,
+    RunLog,
+    a1111_parameters,
+    image_filename,
+    write_image,
+    write_lock_file,
+)
+
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class BadInputError(ValueError):
+    """Input that is not the recipe's fault but still the user's to fix (e.g. `--device`)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output: Path
+    made: int  # images made by this run
+    failed: int
+    already_done: int
+    interrupted_by: int | None  # the signal that stopped the run, if one did
+    seconds: float
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted_by is not None:
+            return EXIT_INTERRUPTED.get(signal.Signals(self.interrupted_by), 130)
+        return 1 if self.failed else 0
+
+
+class _StopRequest:
+    """Set by SIGINT/SIGTERM; the loop checks it between images. A second Ctrl-C aborts."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.signal: int | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.reporter.message(
+            f"{signal.Signals(signum).name}: stopping after the current image "
+            "(press Ctrl-C again to abort it)"
+        )
+
+
+@contextmanager
+def _stop_on_signals(reporter: Reporter) -> Iterator[_StopRequest]:
+    request = _StopRequest(reporter)
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, request.handle) for sig in EXIT_INTERRUPTED}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@lru_cache(maxsize=16)
+def _prepared(path: Path, size: tuple[int, int]) -> PreparedImage:
+    return prepare(path, size)
+
+
+def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
+    """The seed doc's warning, once per image rather than once per job."""
+    for image in dict.fromkeys(job.init_image for job in jobs):
+        if is_small(read_header(image.path)):
+            reporter.message(
+                f"warning: {image.label} is {image.width}x{image.height}; img2img does not work "
+                "properly on init images smaller than 512x512 — scale it up for a real model"
+            )
+
+
+def _make_image(
+    engine: object, recipe: Recipe, job: Job, relative_path: Path, device: str
+) -> ManifestRow:
+    started = time.perf_counter()
+    try:
+        init = _prepared(job.init_image.path, (job.width, job.height))
+        image = engine.render(job, init)  # type: ignore[attr-defined]
+        parameters = a1111_parameters(job, recipe.model.name, recipe.model.short_hash)
+        sha256 = write_image(image, recipe.output / relative_path, job, parameters)
+        status, error = "done", ""
+    except Exception as failure:  # noqa: BLE001 — any failure of one job is recorded, not fatal
+        sha256, status, error = "", "failed", f"{type(failure).__name__}: {failure}"
+    return ManifestRow.from_job(
+        job,
+        status=status,
+        path=relative_path.as_posix() if status == "done" else "",
+        model_hash=recipe.model.short_hash,
+        device=device,
+        seconds=round(time.perf_counter() - started, 3),
+        sha256=sha256,
+        error=error,
+    )
+
+
+def _describe(job: Job, row: ManifestRow) -> str:
+    what = f"job {job.index} {row.path or job.id}"
+    if row.status == "done":
+        return f"{what} ({job.steps_taken} steps, {row.seconds:.2f}s)"
+    return f"{what} FAILED: {row.error}"
+
+
+def run(
+    recipe_path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    output: Path | None = None,
+    max_jobs: int = DEFAULT_MAX_JOBS,
+    fail_fast: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Run what the recipe's output folder does not have yet. Raises RecipeError or
+    BadInputError on bad input, before any model is loaded."""
+    started = time.perf_counter()
+    recipe = load_recipe(recipe_path, output)
+    problems = check(recipe, max_jobs)
+    if problems:
+        raise RecipeError(problems)
+
+    from batchgen import engine as engine_module  # torch loads here, after validation
+
+    try:
+        device = engine_module.resolve_device(device)
+        dtype = engine_module.resolve_dtype(dtype, device)
+    except ValueError as error:
+        raise BadInputError(str(error)) from None
+    plan = make_plan(recipe, dtype)
+    jobs = plan.to_run
+    recipe.output.mkdir(parents=True, exist_ok=True)
+    write_lock_file(recipe.output, recipe.locked())
+    manifest = Manifest(recipe.output)
+    index_width = max(4, len(str(len(plan.jobs))))
+    made = failed = 0
+    with RunLog(recipe.output) as log:
+        reporter = make_reporter(log, quiet)
+        for warning in recipe.warnings:
+            reporter.message(f"warning: {warning}")
+        if not jobs:
+            reporter.message(f"nothing to do: all {len(plan.jobs)} jobs are done in "
+                             f"{recipe.output}")
+            return RunResult(recipe.output, 0, 0, len(plan.jobs), None, 0.0)
+        _warn_small_images(jobs, reporter)
+        engine = engine_module.Engine(recipe.model.path, device, dtype)
+        reporter.message(
+            f"{recipe.name}: {len(jobs)} to do, {len(plan.jobs) - len(jobs)} already done; "
+            f"model {recipe.model.name} loaded in {engine.load_seconds:.1f}s on {device} "
+            f"({dtype})"
+        )
+        reporter.start(len(jobs))
+        with _stop_on_signals(reporter) as stop:
+            try:
+                for job in jobs:
+                    if stop.signal is not None:
+                        break
+                    relative_path = Path("images") / image_filename(job, index_width)
+                    row = _make_image(engine, recipe, job, relative_path, device)
+                    manifest.append(row)
+                    reporter.job_finished(_describe(job, row), row.status == "done")
+                    made += row.status == "done"
+                    failed += row.status == "failed"
+                    if failed and fail_fast:
+                        reporter.message("stopping at the first failure (--fail-fast)")
+                        break
+            finally:
+                reporter.close()
+        result = RunResult(recipe.output, made, failed, len(plan.jobs) - len(jobs),
+                           stop.signal, time.perf_counter() - started)
+        reporter.message(_summary(result, len(jobs)))
+    return result
+
+
+def _summary(result: RunResult, planned: int) -> str:
+    text = f"{result.made} made, {result.failed} failed"
+    if result.already_done:
+        text += f", {result.already_done} already done"
+    text += f" in {result.seconds:.1f}s → {result.output}"
+    if result.interrupted_by is not None:
+        left = planned - result.made - result.failed
+        text += (f"\ninterrupted with {left} left: run the same command again to finish "
+                 "the rest (done images are kept)")
+    elif result.failed:
+        text += "\nsome jobs failed: see the error column of manifest.csv; a re-run retries them"
+    return text
