@@ -13,6 +13,7 @@ import glob
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -331,7 +332,7 @@ class Recipe:
     height: int | None
     fit: bool
     # Axis name → its values, in the order the recipe writes the axes (outermost first).
-    axes: dict[str, tuple[Any, ...]]
+    axes: dict[str, Sequence[Any]]
     swept: frozenset[str]  # axes given as a list or range
     include: tuple[dict[str, Any], ...]
     exclude: tuple[dict[str, Any], ...]
@@ -590,7 +591,8 @@ class _Resolver:
             if seeds.start + seeds.count - 1 > MAX_SEED:
                 self.fail(("seeds", "count"), f"the last seed would pass {MAX_SEED}")
                 return ()
-            return tuple(range(seeds.start, seeds.start + seeds.count))
+            # A range, not a tuple: the matrix's size is checked before anything is expanded.
+            return range(seeds.start, seeds.start + seeds.count)  # type: ignore[return-value]
         values = seeds if isinstance(seeds, list) else [seeds]
         if not values:
             self.fail(("seeds",), "is empty", _FIELD_HINTS["seeds"])

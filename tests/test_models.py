@@ -1,0 +1,163 @@
+"""Resolving `model:` references: builtin, folders, the offline hub cache, and the errors."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchgen.models import BUILTIN_DIR, ModelNotFoundError, resolve_model
+
+TINY_DIR = BUILTIN_DIR / "tiny"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_builtin_tiny_resolves_to_the_packaged_folder_with_a_stable_identity() -> None:
+    first = resolve_model("builtin:tiny", Path("/anywhere"))
+    second = resolve_model("builtin:tiny", Path("/elsewhere"))
+
+    assert first == second
+    assert first.kind == "builtin"
+    assert first.path == TINY_DIR
+    assert (first.path / "model_index.json").is_file()
+    assert first.name == "tiny"
+    name, digest = first.identity.split("@")
+    assert name == "builtin:tiny"
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert first.short_hash == digest[:10]
+
+
+def test_folder_relative_to_the_recipe_resolves(tmp_path: Path) -> None:
+    shutil.copytree(TINY_DIR, tmp_path / "models" / "my-tiny")
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+
+    source = resolve_model("../models/my-tiny", recipe_dir)
+
+    assert source.kind == "folder"
+    assert source.path == (tmp_path / "models" / "my-tiny").resolve()
+    assert source.identity == f"folder:{source.path}"
+    assert source.name == "my-tiny"
+    assert len(source.short_hash) == 10
+
+
+def test_existing_folder_without_dot_prefix_is_a_folder_not_a_hub_id(tmp_path: Path) -> None:
+    shutil.copytree(TINY_DIR, tmp_path / "models" / "tiny")
+
+    source = resolve_model("models/tiny", tmp_path)
+
+    assert source.kind == "folder"
+    assert source.path == (tmp_path / "models" / "tiny").resolve()
+
+
+def test_missing_folder_names_the_path_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist") as error:
+        resolve_model("./models/nowhere", tmp_path)
+
+    assert str(tmp_path / "models" / "nowhere") in str(error.value)
+
+
+def test_folder_without_model_index_is_not_a_pipeline(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+
+    with pytest.raises(ModelNotFoundError, match="model_index.json") as error:
+        resolve_model("./weights", tmp_path)
+
+    assert str(tmp_path / "weights") in str(error.value)
+    assert error.value.hint
+
+
+def test_single_file_checkpoint_asks_for_a_diffusers_folder(tmp_path: Path) -> None:
+    (tmp_path / "sd15.safetensors").write_bytes(b"")
+
+    with pytest.raises(ModelNotFoundError, match="single-file") as error:
+        resolve_model("sd15.safetensors", tmp_path)
+
+    assert "sd15.safetensors" in str(error.value)
+    assert error.value.hint and "diffusers folder" in error.value.hint
+
+
+def test_unknown_builtin_lists_the_available_ones() -> None:
+    with pytest.raises(ModelNotFoundError, match="builtin:huge") as error:
+        resolve_model("builtin:huge", Path("."))
+
+    assert "builtin:tiny" in str(error.value)
+
+
+def test_uncached_hub_id_fails_fast_without_network(
+    tmp_path: Path, empty_hub_cache: Path, no_network: None
+) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="owner/not-cached") as error:
+        resolve_model("owner/not-cached", tmp_path)
+
+    assert time.perf_counter() - started < 5
+    assert str(empty_hub_cache) in str(error.value)
+    assert error.value.hint and "hf download owner/not-cached" in error.value.hint
+
+
+def test_cached_hub_id_resolves_to_its_snapshot(
+    tmp_path: Path, empty_hub_cache: Path, no_network: None
+) -> None:
+    repo = empty_hub_cache / "models--owner--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(TINY_DIR, snapshot)
+
+    source = resolve_model("owner/tiny-sd", tmp_path)
+
+    assert source.kind == "hub"
+    assert source.path == snapshot
+    assert source.identity == f"hub:owner/tiny-sd@{COMMIT}"
+    assert source.name == "owner/tiny-sd"
+
+
+def test_builtin_tiny_loads_as_an_img2img_pipeline_with_sd_geometry() -> None:
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        resolve_model("builtin:tiny", Path(".")).path
+    )
+
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latents.shape == (1, 4, 8, 8)
+    assert pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.safety_checker is None
+
+
+def test_importing_models_does_not_import_torch() -> None:
+    probe = "import sys, batchgen.models; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+    assert result.stdout.strip() == "False"
