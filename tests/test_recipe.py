@@ -61,7 +61,7 @@ seeds: {start: 1000, count: 3}
     assert recipe.axes["strength"] == (0.3, 0.5, 0.7, 0.9)
     assert recipe.axes["cfg"] == (5.0, 6.5, 8.0)
     assert recipe.axes["steps"] == (10, 20)
-    assert recipe.axes["seed"] == (1000, 1001, 1002)
+    assert list(recipe.axes["seed"]) == [1000, 1001, 1002]
     assert recipe.axes["prompt"] == ("fire",)
     assert recipe.swept == {"strength", "cfg", "steps", "seed"}
 

@@ -1,0 +1,437 @@
+"""Everything that touches a run's output folder: image names, PNGs with their parameters
+written atomically, the append-only manifest.csv ledger, recipe.lock.yaml and run.log.
+
+Torch-free, so `plan`, `status` and `verify` read a run folder without loading a model.
+A kill at any moment leaves no half-written image under its final name and at most a torn
+last line in the manifest, which reading ignores and the next append fences off.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, get_args, get_origin, get_type_hints
+
+import yaml
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from batchgen import __version__
+from batchgen.job import Job
+from batchgen.schedulers import scheduler_spec
+
+MANIFEST_NAME = "manifest.csv"
+LOCK_FILE_NAME = "recipe.lock.yaml"
+RUN_LOG_NAME = "run.log"
+
+SLUG_MAX_LENGTH = 40
+
+# ---------------------------------------------------------------------------------------------
+# Files written atomically
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` is either absent/old or complete, never partial.
+
+    The bytes go to a hidden `.<name>.<random>.tmp` beside `path` (same filesystem, so the
+    rename is atomic, and never matching `*.png`), are fsynced, renamed over `path`, and the
+    folder is fsynced so the rename itself survives a power cut.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # Ctrl-C included: never leave a temp file behind
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder to fsync it
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_lock_file(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """recipe.lock.yaml: the recipe as resolved, keys in the order given."""
+    text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+    write_file_atomically(run_dir / LOCK_FILE_NAME, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: names, metadata, writing
+
+
+def _slug(text: str) -> str:
+    """Lowercase ASCII words joined by '-', whole words up to SLUG_MAX_LENGTH; may be ''."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    words = re.findall(r"[a-z0-9]+", ascii_text.lower())
+    if not words:
+        return ""
+    slug = words[0][:SLUG_MAX_LENGTH]
+    for word in words[1:]:
+        if len(slug) + 1 + len(word) > SLUG_MAX_LENGTH:
+            break
+        slug += f"-{word}"
+    return slug
+
+
+def image_filename(job: Job, index_width: int) -> str:
+    """`<index>-<init>-<prompt-slug>-f<strength>-s<steps>-S<seed>.png`, e.g.
+    `0003-fire-drawing-cheery-open-fire-photograph-f0.40-s10-S1592514025.png`.
+
+    Only `[a-z0-9.-]`. The zero-padded index makes the name unique within a run; the rest is
+    there for people browsing the folder.
+    """
+    init = _slug(job.init_image.path.stem) or "init"
+    prompt = _slug(job.prompt) or ("prompt" if job.prompt.strip() else "empty")
+    return (
+        f"{job.index:0{index_width}d}-{init}-{prompt}"
+        f"-f{job.strength:.2f}-s{job.steps}-S{job.seed}.png"
+    )
+
+
+def _a1111_quote(value: object) -> str:
+    """AUTOMATIC1111's `quote()`: JSON-quote a value only when it would break the line."""
+    text = str(value)
+    if any(special in text for special in (",", ":", "\n")):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
+    """The `parameters` text AUTOMATIC1111 writes into its PNGs (its `create_infotext`).
+
+    Prompt line, `Negative prompt:` line when there is one, then the settings in A1111's key
+    order. `Steps` is the count handed to the scheduler, as in A1111 img2img (which also runs
+    only `steps × strength` of them). Empty model name/hash are left out, as A1111 leaves out
+    settings it does not have.
+    """
+    settings: dict[str, object] = {
+        "Steps": job.steps_nominal,
+        "Sampler": scheduler_spec(job.scheduler).a1111_name,
+        "CFG scale": float(job.cfg),
+        "Seed": int(job.seed),
+        "Size": f"{job.width}x{job.height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "Denoising strength": float(job.strength),
+        "Version": f"batchgen {__version__}",
+    }
+    settings_line = ", ".join(
+        f"{key}: {_a1111_quote(value)}" for key, value in settings.items() if value != ""
+    )
+    negative = f"\nNegative prompt: {job.negative_prompt}" if job.negative_prompt else ""
+    return f"{job.prompt}{negative}\n{settings_line}".strip()
+
+
+def job_record(job: Job) -> dict[str, Any]:
+    """The job as flat JSON-able data: what the PNG's `batchgen` chunk holds, and the
+    job's share of its manifest row (the keys named like manifest columns)."""
+    return {
+        "id": job.id,
+        "index": job.index,
+        "init_image": job.init_image.label,
+        "init_image_sha256": job.init_image.sha256,
+        "init_image_width": job.init_image.width,
+        "init_image_height": job.init_image.height,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "strength": float(job.strength),
+        "steps": job.steps,
+        "steps_mode": job.steps_mode,
+        "steps_nominal": job.steps_nominal,
+        "steps_taken": job.steps_taken,
+        "cfg": float(job.cfg),
+        "seed": int(job.seed),
+        "scheduler": job.scheduler,
+        "width": job.width,
+        "height": job.height,
+        "fit": job.fit,
+        "model": job.model,
+        "model_name": job.model_name,
+        "dtype": job.dtype,
+        "batchgen_version": __version__,
+    }
+
+
+def write_image(image: Image.Image, path: Path, job: Job, parameters: str) -> str:
+    """Write `image` as a PNG carrying `parameters` (A1111) and `batchgen` (the job record)
+    text chunks, atomically; return the sha256 of the file's bytes.
+
+    Deterministic: the same pixels and texts give the same bytes (no timestamp chunk).
+    Text that is not Latin-1 goes into an iTXt chunk (Pillow's choice), which A1111 reads too.
+    """
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text("batchgen", json.dumps(job_record(job)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    write_file_atomically(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest ledger
+
+RowStatus = Literal["done", "failed"]
+
+
+class ManifestError(ValueError):
+    """manifest.csv cannot be read as batchgen's ledger; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of manifest.csv; the field order is the column order."""
+
+    id: str
+    status: RowStatus
+    path: str  # the image, relative to the run folder, POSIX separators; "" when failed
+    index: int
+    init_image: str  # the init image's label, as the recipe names it
+    init_image_sha256: str
+    prompt: str
+    negative_prompt: str
+    strength: float
+    steps: int  # as written in the recipe
+    steps_mode: str
+    steps_nominal: int  # handed to the scheduler
+    steps_taken: int  # denoising steps actually run
+    cfg: float
+    seed: int
+    scheduler: str
+    width: int
+    height: int
+    fit: bool
+    model: str  # model identity
+    model_hash: str
+    dtype: str
+    device: str
+    seconds: float
+    sha256: str  # of the image file; "" when failed
+    error: str  # "ExceptionType: message" when failed
+    finished_at: str  # ISO 8601, UTC
+    batchgen_version: str
+
+    @classmethod
+    def from_job(
+        cls,
+        job: Job,
+        *,
+        status: RowStatus,
+        path: str,
+        model_hash: str,
+        device: str,
+        seconds: float,
+        sha256: str,
+        error: str,
+    ) -> ManifestRow:
+        record = job_record(job)
+        return cls(
+            **{name: record[name] for name in MANIFEST_COLUMNS if name in record},
+            status=status,
+            path=path,
+            model_hash=model_hash,
+            device=device,
+            seconds=seconds,
+            sha256=sha256,
+            error=error,
+            finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+
+
+MANIFEST_COLUMNS: tuple[str, ...] = tuple(column.name for column in fields(ManifestRow))
+_COLUMN_TYPES: dict[str, Any] = get_type_hints(ManifestRow)
+
+# The excel dialect ends lines with \r\n and so quotes any value containing \r or \n: a
+# physical line break outside quotes always ends a row.
+_LINE_END = "\r\n"
+_HEADER_LINE = ",".join(MANIFEST_COLUMNS) + _LINE_END
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)  # str(float) is the shortest text that reads back to the same float
+
+
+def _parse_value(column: str, text: str) -> object:
+    kind = _COLUMN_TYPES[column]
+    if kind is bool:
+        if text not in ("true", "false"):
+            raise ValueError("expected true or false")
+        return text == "true"
+    if kind in (int, float):
+        return kind(text)
+    if get_origin(kind) is Literal and text not in get_args(kind):
+        raise ValueError(f"expected one of {', '.join(get_args(kind))}")
+    return text
+
+
+def _closing_for_torn_row(data: bytes) -> bytes:
+    """What ends the row a kill tore at the end of `data`; b"" when it ends between rows.
+
+    Every quote character the csv module writes is one of a pair, so an odd count means the
+    torn row stopped inside a quoted value (which may hold line breaks): it needs its quote
+    closed, or whatever is appended next would be read as the rest of that value.
+    """
+    if data.count(b'"') % 2 == 1:
+        return b'"' + _LINE_END.encode("utf-8")
+    if not data.endswith(b"\n"):
+        return _LINE_END.encode("utf-8")
+    return b""
+
+
+class Manifest:
+    """manifest.csv in a run folder: one row per finished job, appended and fsynced row by
+    row, never rewritten. A job failed then redone has two rows; the latest wins."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / MANIFEST_NAME
+        # The file's size after our last append: while it has not changed, the file ends
+        # between rows and need not be read again.
+        self._size_after_append: int | None = None
+
+    def append(self, row: ManifestRow) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator=_LINE_END).writerow(
+            [_format_value(getattr(row, column)) for column in MANIFEST_COLUMNS]
+        )
+        record = buffer.getvalue().encode("utf-8")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as file:
+            if file.seek(0, os.SEEK_END) == self._size_after_append:
+                prefix = b""
+            else:
+                prefix = self._prefix_before_append(file)
+            self._size_after_append = None
+            file.write(prefix + record)  # one write: a kill tears at most this row
+            file.flush()
+            os.fsync(file.fileno())
+            self._size_after_append = file.tell()
+
+    def _prefix_before_append(self, file: io.BufferedRandom) -> bytes:
+        """What must precede the next row: the header for a new file, or the end of a row
+        torn by a kill, so that the torn row stays one ignorable line."""
+        file.seek(0)
+        data = file.read()
+        header = _HEADER_LINE.encode("utf-8")
+        if header.startswith(data):  # empty, or only a header torn by a kill: start over
+            file.truncate(0)
+            return header
+        first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+        self._check_header(next(csv.reader([first_line])))
+        return _closing_for_torn_row(data)
+
+    def rows(self) -> list[ManifestRow]:
+        """Every complete row, in file order; rows torn by a kill are skipped."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        # A kill can tear a multi-byte character; only torn rows hold invalid UTF-8.
+        text = data.decode("utf-8", "replace")
+        if _HEADER_LINE.startswith(text):  # empty, or a header torn by a kill
+            return []
+        reader = csv.reader(io.StringIO(text, newline=""))
+        self._check_header(next(reader))
+        row_start = reader.line_num + 1
+        records = []  # (first line of the row, its values)
+        for record in reader:
+            records.append((row_start, record))
+            row_start = reader.line_num + 1
+        if _closing_for_torn_row(data):
+            records = records[:-1]  # the last row was being written when the run was killed
+        # A torn row that a later append closed has too few values, unless it was torn in
+        # its last one, batchgen_version: then it is whole but for that value's tail.
+        return [
+            self._parse_row(line, record)
+            for line, record in records
+            if len(record) == len(MANIFEST_COLUMNS)
+        ]
+
+    def latest(self) -> dict[str, ManifestRow]:
+        """Job id → the last row written for it."""
+        return {row.id: row for row in self.rows()}
+
+    def _check_header(self, header: list[str]) -> None:
+        if header == list(MANIFEST_COLUMNS):
+            return
+        missing = [column for column in MANIFEST_COLUMNS if column not in header]
+        unexpected = [column for column in header if column not in MANIFEST_COLUMNS]
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
+        raise ManifestError(
+            f"{self.path}: the first line is not batchgen {__version__}'s manifest header "
+            f"({'; '.join(problems) or 'columns in another order'}). It was written by another "
+            "program or batchgen version, or edited. Move it aside (the run will then redo "
+            "every image) or use another output folder."
+        )
+
+    def _parse_row(self, line: int, record: list[str]) -> ManifestRow:
+        values = {}
+        for column, text in zip(MANIFEST_COLUMNS, record, strict=True):
+            try:
+                values[column] = _parse_value(column, text)
+            except ValueError as error:
+                raise ManifestError(
+                    f"{self.path}, line {line}: column {column}: cannot read {text!r} "
+                    f"({error}). Fix or delete that line; a re-run redoes a deleted job."
+                ) from None
+        return ManifestRow(**values)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# run.log
+
+
+class RunLog:
+    """run.log in a run folder: the plain progress lines, timestamped, for reading later."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / RUN_LOG_NAME
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
+
+    def line(self, text: str) -> None:
+        """Append `text`; each of its lines gets the local time with its UTC offset."""
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        for part in text.splitlines() or [""]:
+            self._file.write(f"{stamp} {part}\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
