@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from batchgen import __version__
 from batchgen.devices import DTYPES, default_dtype, guess_device
+from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.plan import Plan, make_plan
 from batchgen.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_json_schema
+from batchgen.store import ManifestError
 
 EXIT_BAD_INPUT = 2
 
@@ -25,19 +29,31 @@ recipe_argument = click.argument(
     "recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="RECIPE.yaml"
 )
 output_option = click.option(
-    "--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     help="Run folder; overrides the recipe's `output` (default: outputs/<name>).",
 )
 max_jobs_option = click.option(
-    "--max-jobs", type=click.IntRange(min=1), default=DEFAULT_MAX_JOBS, show_default=True,
+    "--max-jobs",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_JOBS,
+    show_default=True,
     help="Refuse recipes whose matrix is larger than this.",
 )
 device_option = click.option(
-    "--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]|mps",
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda[:N]|mps",
     help="Where to run; auto picks CUDA, then MPS, then the CPU.",
 )
 dtype_option = click.option(
-    "--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+    "--dtype",
+    type=click.Choice(["auto", *DTYPES]),
+    default="auto",
+    show_default=True,
     help="auto: float16 on CUDA, float32 elsewhere. Part of each job's id.",
 )
 
@@ -86,8 +102,13 @@ def main() -> None:
 @click.option("--fail-fast", is_flag=True, help="Stop at the first job that fails.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary.")
 def run(
-    recipe: Path, device: str, dtype: str, output: Path | None, max_jobs: int,
-    fail_fast: bool, quiet: bool,
+    recipe: Path,
+    device: str,
+    dtype: str,
+    output: Path | None,
+    max_jobs: int,
+    fail_fast: bool,
+    quiet: bool,
 ) -> None:
     """Make every image of RECIPE that its run folder does not have yet.
 
@@ -100,8 +121,15 @@ def run(
     from batchgen.runner import run as run_recipe
 
     try:
-        result = run_recipe(recipe, device=device, dtype=dtype, output=output,
-                            max_jobs=max_jobs, fail_fast=fail_fast, quiet=quiet)
+        result = run_recipe(
+            recipe,
+            device=device,
+            dtype=dtype,
+            output=output,
+            max_jobs=max_jobs,
+            fail_fast=fail_fast,
+            quiet=quiet,
+        )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None
     except BadInputError as error:
@@ -127,25 +155,61 @@ def plan(
     """
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype, guess_device(device))
-    _print_plan(make_plan(checked, resolved_dtype), show_all)
+    try:
+        the_plan = make_plan(checked, resolved_dtype)
+    except ManifestError as error:
+        raise BadInput(str(error)) from None
+    _print_plan(the_plan, show_all)
+
+
+# How `plan` shows each parameter: the column title and the text of a job's value.
+_PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
+    "init": lambda job: job.init_image.label,
+    "prompt": lambda job: job.prompt or '""',
+    "strength": lambda job: f"{job.strength:g}",
+    "steps": lambda job: str(job.steps),
+    "cfg": lambda job: f"{job.cfg:g}",
+    "seed": lambda job: str(job.seed),
+    "scheduler": lambda job: job.scheduler,
+    "size": lambda job: f"{job.width}x{job.height}",
+}
 
 
 def _print_plan(the_plan: Plan, show_all: bool) -> None:
-    console = Console()
+    """A table of the parameters that vary between jobs; the fixed ones in one line above."""
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     recipe = the_plan.recipe
-    table = Table(title=f"{recipe.name} → {recipe.output}", title_justify="left")
-    for column in ("#", "id", "init", "prompt", "strength", "steps", "taken", "cfg", "seed",
-                   "scheduler", "size", "status"):
-        table.add_column(column, overflow="fold",
-                         justify="right" if column in ("#", "strength", "steps", "taken", "cfg")
-                         else "left")
+    jobs = [planned.job for planned in the_plan.jobs]
+    texts = {name: [show(job) for job in jobs] for name, show in _PLAN_COLUMNS.items()}
+    varying = [name for name, values in texts.items() if len(set(values)) > 1]
+    fixed = [
+        f"{name} {values[0]}" for name, values in texts.items() if name not in varying and values
+    ]
+    console.print(f"[bold]{recipe.name}[/] → {recipe.output}")
+    console.print("fixed: " + " · ".join(fixed) + f" · dtype {the_plan.dtype}", markup=False)
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("id", no_wrap=True)
+    for name in varying:
+        table.add_column(
+            name,
+            overflow="fold",
+            no_wrap=name != "prompt",
+            justify="left" if name in ("init", "prompt", "scheduler") else "right",
+        )
+    table.add_column("taken", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     shown = the_plan.jobs if show_all else the_plan.jobs[:50]
-    for planned in shown:
+    styles = {"done": "green", "failed": "red", "todo": ""}
+    for number, planned in enumerate(shown):
         job = planned.job
         table.add_row(
-            str(job.index), job.id[:8], job.init_image.label, job.prompt or '""',
-            f"{job.strength:g}", str(job.steps), str(job.steps_taken), f"{job.cfg:g}",
-            str(job.seed), job.scheduler, f"{job.width}x{job.height}", planned.status,
+            str(job.index),
+            job.id[:8],
+            *(texts[name][number] for name in varying),
+            str(job.steps_taken),
+            planned.status,
+            style=styles[planned.status],
         )
     console.print(table)
     if len(shown) < len(the_plan.jobs):
@@ -154,13 +218,18 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
         f"{len(the_plan.jobs)} jobs: {the_plan.count('done')} done, "
         f"{the_plan.count('failed')} failed, {the_plan.count('todo')} to do; "
         f"{the_plan.steps_to_run} denoising steps to run "
-        f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps), dtype {the_plan.dtype}"
+        f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps)"
     )
 
 
 @main.command()
-@click.argument("recipes", nargs=-1, required=True,
-                type=click.Path(dir_okay=False, path_type=Path), metavar="RECIPE.yaml...")
+@click.argument(
+    "recipes",
+    nargs=-1,
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="RECIPE.yaml...",
+)
 @max_jobs_option
 def validate(recipes: tuple[Path, ...], max_jobs: int) -> None:
     """Check recipes without loading torch: every problem at once, with file:line, field and

@@ -28,6 +28,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import ErrorDetails
 
 from batchgen import __version__
 from batchgen.images import InitImageError, read_header
@@ -159,7 +160,9 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
-        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        text = (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
         return f"{text}\n    hint: {self.hint}" if self.hint else text
 
 
@@ -243,62 +246,59 @@ class _Document:
         return Problem(self.file, self.line(path), _field_name(path), message, hint)
 
 
+def _child(node: Any, part: str | int) -> tuple[bool, Any]:
+    if isinstance(node, dict) and part in node:
+        return True, node[part]
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return True, node[part]
+    return False, None
+
+
 def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:
     """Pydantic's error location without its union-member tags: only real keys and indexes."""
     path: list[str | int] = []
     node = data
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        elif isinstance(node, dict) and not path and isinstance(part, str):
-            pass  # a missing top-level field: keep its name below
-        else:
-            continue
-        path.append(part)
-    if not path and loc and isinstance(loc[0], str):
-        path.append(loc[0])
+        found, child = _child(node, part)
+        if found:
+            node = child
+        elif not (isinstance(node, dict) and not path and isinstance(part, str)):
+            continue  # a union member's tag, not a place in the file
+        path.append(part)  # (or a missing top-level field, named by its key)
     return tuple(path)
 
 
 def _shape_problems(doc: _Document, error: ValidationError) -> list[Problem]:
     """One problem per field: for a union, the error that got deepest into the value."""
-    best: dict[PathKey, tuple[int, dict[str, Any]]] = {}
+    best: dict[PathKey, tuple[PathKey, ErrorDetails]] = {}
     for item in error.errors():
-        loc = tuple(item["loc"])
-        path = _data_path(doc.data, loc)
-        field_path = path[:1]
-        depth = len(path)
-        if field_path not in best or depth > best[field_path][0]:
-            best[field_path] = (depth, {**item, "path": path})
+        path = _data_path(doc.data, tuple(item["loc"]))
+        if path[:1] not in best or len(path) > len(best[path[:1]][0]):
+            best[path[:1]] = (path, item)
     problems = []
-    for depth_and_item in best.values():
-        item = depth_and_item[1]
-        path = item["path"]
-        hint = None
+    for path, item in best.values():
+        message = item["msg"]
+        hint = _FIELD_HINTS.get(str(path[0])) if path else None
         if item["type"] == "extra_forbidden":
-            choices = (
-                RECIPE_KEYS if len(path) == 1 else _nested_keys(path[0] if path else "")
-            )
+            choices = RECIPE_KEYS if len(path) == 1 else _nested_keys(path[0])
             hint = did_you_mean(str(path[-1]), choices) or f"known keys: {', '.join(choices)}"
             message = "unknown key"
         elif item["type"] == "missing":
             message = "is required"
             hint = _REQUIRED_HINTS.get(str(path[-1]))
         elif item["type"] == "literal_error":
-            message = item["msg"]
-            hint = did_you_mean(str(item["input"]), re.findall(r"'([^']*)'",
-                                                               item["ctx"]["expected"]))
-        else:
-            message = item["msg"]
-            hint = _FIELD_HINTS.get(str(path[0]))
+            expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+            hint = did_you_mean(str(item["input"]), expected)
         problems.append(doc.problem(path, message, hint))
     return problems
 
 
 def _nested_keys(top: str | int) -> tuple[str, ...]:
-    nested = {"variations": Variations, "grids": GridSpec, "seeds": SeedRange}
+    nested: dict[str, type[BaseModel]] = {
+        "variations": Variations,
+        "grids": GridSpec,
+        "seeds": SeedRange,
+    }
     model = nested.get(str(top), Range)
     return tuple(model.model_fields)
 
@@ -355,8 +355,11 @@ class Recipe:
             "init_images": [
                 {"path": image.label, "sha256": image.sha256} for image in self.axes["init_image"]
             ],
-            **{axis: [plain(v) for v in values] for axis, values in self.axes.items()
-               if axis != "init_image"},
+            **{
+                axis: [plain(v) for v in values]
+                for axis, values in self.axes.items()
+                if axis != "init_image"
+            },
             "negative_prompt": self.negative_prompt,
             "steps_mode": self.steps_mode,
             "width": self.width,
@@ -383,13 +386,21 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
         raise RecipeError(doc.problems)
     if not isinstance(doc.data, dict):
         raise RecipeError(
-            [Problem(file, 1, "", "a recipe is a YAML mapping of keys to values",
-                     "start from recipes/example.yaml")]
+            [
+                Problem(
+                    file,
+                    1,
+                    "",
+                    "a recipe is a YAML mapping of keys to values",
+                    "start from recipes/example.yaml",
+                )
+            ]
         )
     problems = list(doc.problems)
     shape, shape_problems = _validate_shape(doc)
-    resolver = _Resolver(doc, shape, skip={p.field.split(".")[0].split("[")[0]
-                                           for p in shape_problems})
+    resolver = _Resolver(
+        doc, shape, skip={p.field.split(".")[0].split("[")[0] for p in shape_problems}
+    )
     recipe = resolver.resolve(output)
     problems += shape_problems + resolver.problems
     if problems:
@@ -446,18 +457,28 @@ class _Resolver:
             "scheduler": self._schedulers(),
         }
         if shape.variations.count > 0:
-            self.fail(("variations", "count"), "variations are not supported by this version yet",
-                      "set `count: 0` or remove `variations`")
+            self.fail(
+                ("variations", "count"),
+                "variations are not supported by this version yet",
+                "set `count: 0` or remove `variations`",
+            )
         if shape.intermediates:
-            self.warnings.append(self.doc.problem(
-                ("intermediates",), "not saved by this version yet; the run goes on without"))
+            self.warnings.append(
+                self.doc.problem(
+                    ("intermediates",), "not saved by this version yet; the run goes on without"
+                )
+            )
         if shape.grids:
-            self.warnings.append(self.doc.problem(
-                ("grids",), "grids are not drawn by this version yet; the run goes on without"))
+            self.warnings.append(
+                self.doc.problem(
+                    ("grids",), "grids are not drawn by this version yet; the run goes on without"
+                )
+            )
         written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
         order = list(dict.fromkeys(written + list(AXES)))
         swept = frozenset(
-            AXIS_OF_KEY[key] for key, value in self.doc.data.items()
+            AXIS_OF_KEY[key]
+            for key, value in self.doc.data.items()
             if key in AXIS_OF_KEY and (isinstance(value, list | dict) or key == "prompts_file")
         )
         if output is None:
@@ -491,11 +512,15 @@ class _Resolver:
 
     def _init_image(self, path: PathKey, pattern: str) -> list[InitImage]:
         full = Path(os.path.normpath(self.base / Path(pattern).expanduser()))
-        matches = sorted(glob.glob(str(full), recursive=True)) if glob.has_magic(pattern) else [
-            str(full)]
+        matches = (
+            sorted(glob.glob(str(full), recursive=True)) if glob.has_magic(pattern) else [str(full)]
+        )
         if not matches or not Path(matches[0]).exists():
-            self.fail(path, f"no file matches `{pattern}` (looked in {self.base})",
-                      "paths are relative to the recipe file's folder")
+            self.fail(
+                path,
+                f"no file matches `{pattern}` (looked in {self.base})",
+                "paths are relative to the recipe file's folder",
+            )
             return []
         images = []
         for match in matches:
@@ -545,7 +570,7 @@ class _Resolver:
             return prompts
         prompts = (shape.prompts,) if isinstance(shape.prompts, str) else tuple(shape.prompts or ())
         if not prompts:
-            self.fail(("prompts",), "is empty", "give at least one prompt (it may be \"\")")
+            self.fail(("prompts",), "is empty", 'give at least one prompt (it may be "")')
         return prompts
 
     def _numbers(self, key: str, value: Any, kind: type) -> tuple[Any, ...]:
@@ -570,8 +595,11 @@ class _Resolver:
 
     def _expand_range(self, key: str, spec: Range) -> list[float]:
         if (spec.step is None) == (spec.num is None):
-            self.fail((key,), "a range takes either `step` or `num`, exactly one",
-                      "{start: 0.3, stop: 0.9, step: 0.2} or {start: 0.3, stop: 0.9, num: 4}")
+            self.fail(
+                (key,),
+                "a range takes either `step` or `num`, exactly one",
+                "{start: 0.3, stop: 0.9, step: 0.2} or {start: 0.3, stop: 0.9, num: 4}",
+            )
             return []
         if spec.stop < spec.start:
             self.fail((key, "stop"), f"stop {spec.stop} is below start {spec.start}")
@@ -621,8 +649,11 @@ class _Resolver:
             for axis, value in raw.items():
                 where: PathKey = (key, index, axis)
                 if axis not in AXES:
-                    self.fail(where, f"`{axis}` is not a sweep axis",
-                              did_you_mean(str(axis), AXES) or f"axes: {', '.join(AXES)}")
+                    self.fail(
+                        where,
+                        f"`{axis}` is not a sweep axis",
+                        did_you_mean(str(axis), AXES) or f"axes: {', '.join(AXES)}",
+                    )
                     continue
                 normalised = self._entry_value(where, axis, value, axes[axis])
                 if normalised is not None:
@@ -651,8 +682,11 @@ class _Resolver:
         try:
             return _AXIS_ITEM[axis].validate_python(value)
         except ValidationError as error:
-            self.fail(where, error.errors()[0]["msg"], _FIELD_HINTS.get(
-                "seeds" if axis == "seed" else axis))
+            self.fail(
+                where,
+                error.errors()[0]["msg"],
+                _FIELD_HINTS.get("seeds" if axis == "seed" else axis),
+            )
             return None
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from batchgen.images import PreparedImage, is_small, prepare, read_header
 from batchgen.job import Job
@@ -26,13 +27,18 @@ from batchgen.progress import Reporter, make_reporter
 from batchgen.recipe import Recipe, RecipeError, load_recipe
 from batchgen.store import (
     Manifest,
+    ManifestError,
     ManifestRow,
+    RowStatus,
     RunLog,
     a1111_parameters,
     image_filename,
     write_image,
     write_lock_file,
 )
+
+if TYPE_CHECKING:
+    from batchgen.engine import Engine
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -104,12 +110,13 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
 
 
 def _make_image(
-    engine: object, recipe: Recipe, job: Job, relative_path: Path, device: str
+    engine: Engine, recipe: Recipe, job: Job, relative_path: Path, device: str
 ) -> ManifestRow:
     started = time.perf_counter()
+    status: RowStatus
     try:
         init = _prepared(job.init_image.path, (job.width, job.height))
-        image = engine.render(job, init)  # type: ignore[attr-defined]
+        image = engine.render(job, init)
         parameters = a1111_parameters(job, recipe.model.name, recipe.model.short_hash)
         sha256 = write_image(image, recipe.output / relative_path, job, parameters)
         status, error = "done", ""
@@ -159,7 +166,10 @@ def run(
         dtype = engine_module.resolve_dtype(dtype, device)
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    plan = make_plan(recipe, dtype)
+    try:
+        plan = make_plan(recipe, dtype)
+    except ManifestError as error:
+        raise BadInputError(str(error)) from None
     jobs = plan.to_run
     recipe.output.mkdir(parents=True, exist_ok=True)
     write_lock_file(recipe.output, recipe.locked())
@@ -171,8 +181,9 @@ def run(
         for warning in recipe.warnings:
             reporter.message(f"warning: {warning}")
         if not jobs:
-            reporter.message(f"nothing to do: all {len(plan.jobs)} jobs are done in "
-                             f"{recipe.output}")
+            reporter.message(
+                f"nothing to do: all {len(plan.jobs)} jobs are done in {recipe.output}"
+            )
             return RunResult(recipe.output, 0, 0, len(plan.jobs), None, 0.0)
         _warn_small_images(jobs, reporter)
         engine = engine_module.Engine(recipe.model.path, device, dtype)
@@ -198,8 +209,14 @@ def run(
                         break
             finally:
                 reporter.close()
-        result = RunResult(recipe.output, made, failed, len(plan.jobs) - len(jobs),
-                           stop.signal, time.perf_counter() - started)
+        result = RunResult(
+            recipe.output,
+            made,
+            failed,
+            len(plan.jobs) - len(jobs),
+            stop.signal,
+            time.perf_counter() - started,
+        )
         reporter.message(_summary(result, len(jobs)))
     return result
 
@@ -211,8 +228,10 @@ def _summary(result: RunResult, planned: int) -> str:
     text += f" in {result.seconds:.1f}s → {result.output}"
     if result.interrupted_by is not None:
         left = planned - result.made - result.failed
-        text += (f"\ninterrupted with {left} left: run the same command again to finish "
-                 "the rest (done images are kept)")
+        text += (
+            f"\ninterrupted with {left} left: run the same command again to finish "
+            "the rest (done images are kept)"
+        )
     elif result.failed:
         text += "\nsome jobs failed: see the error column of manifest.csv; a re-run retries them"
     return text
