@@ -1,0 +1,237 @@
+"""The `batchgen` command end to end on builtin:tiny: exit codes, files written, rows, re-runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from batchgen import __version__
+from batchgen.cli import main
+from batchgen.images import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = """
+name: small
+init_images: [pictures/gradient.png]
+prompts: [fire, "cheery open fire, photograph"]
+strength: [0.0, 0.5]
+steps: 4
+seeds: [7]
+"""
+
+
+def gradient(path: Path, size: tuple[int, int] = (64, 48)) -> None:
+    x = np.linspace(0, 255, size[0], dtype=np.uint8)
+    y = np.linspace(0, 255, size[1], dtype=np.uint8)
+    rgb = np.stack(np.broadcast_arrays(x[None, :], y[:, None], (x[None, :] // 2 + 60)), axis=-1)
+    Image.fromarray(rgb.astype(np.uint8)).save(path)
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    path = tmp_path / "small.yaml"
+    path.write_text(RECIPE + f"output: {tmp_path / 'out'}\n")
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def manifest(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "manifest.csv").open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_version_and_help_with_examples() -> None:
+    assert invoke("--version") == (0, f"batchgen, version {__version__}\n")
+    for command in ("run", "plan", "validate", "schema"):
+        code, output = invoke(command, "--help")
+        assert code == 0 and "Example:" in output
+
+
+def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    run_dir = recipe.parent / "out"
+    rows = manifest(run_dir)
+    assert [row["status"] for row in rows] == ["done"] * 4
+    assert [(row["prompt"], row["strength"], row["steps_taken"]) for row in rows] == [
+        ("fire", "0.0", "0"), ("fire", "0.5", "2"),
+        ("cheery open fire, photograph", "0.0", "0"), ("cheery open fire, photograph", "0.5", "2"),
+    ]
+    for row in rows:
+        image = run_dir / row["path"]
+        assert image.name.startswith(f"000{row['index']}-gradient-")
+        with Image.open(image) as png:
+            assert png.size == (64, 48)
+            assert "Seed: 7, Size: 64x48" in png.text["parameters"]
+            assert json.loads(png.text["batchgen"])["id"] == row["id"]
+    lock = yaml.safe_load((run_dir / "recipe.lock.yaml").read_text())
+    assert lock["strength"] == [0.0, 0.5] and lock["init_images"][0]["path"] == (
+        "pictures/gradient.png")
+    log = (run_dir / "run.log").read_text()
+    assert "[4/4] job 4" in log and "4 made, 0 failed" in log
+    assert "[1/4] job 1 images/0001-gradient-fire-f0.00-s4-S7.png" in output  # not a TTY: lines
+
+
+def test_strength_zero_keeps_the_init_image_as_prepared(recipe: Path) -> None:
+    invoke("run", str(recipe))
+    run_dir = recipe.parent / "out"
+    row = manifest(run_dir)[0]
+    assert row["strength"] == "0.0"
+    init = prepare(recipe.parent / "pictures" / "gradient.png", (64, 48)).rgb
+    with Image.open(run_dir / row["path"]) as made:
+        assert np.array_equal(np.asarray(made.convert("RGB")), np.asarray(init))
+
+
+def test_rerun_redoes_nothing_and_a_fresh_run_is_bit_identical(recipe: Path, tmp_path: Path):
+    invoke("run", str(recipe))
+    run_dir = recipe.parent / "out"
+    before = {p.name: p.read_bytes() for p in (run_dir / "images").iterdir()}
+    code, output = invoke("run", str(recipe))
+    assert code == 0 and "nothing to do: all 4 jobs are done" in output
+    assert len(manifest(run_dir)) == 4
+    code, _ = invoke("run", str(recipe), "--output", str(tmp_path / "again"))
+    assert code == 0
+    again = {p.name: p.read_bytes() for p in (tmp_path / "again" / "images").iterdir()}
+    assert again == before
+
+
+def test_a_failing_job_is_recorded_and_the_run_goes_on(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchgen.engine import Engine
+
+    real_render = Engine.render
+
+    def render(self, job, init):  # type: ignore[no-untyped-def]
+        if job.index == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_render(self, job, init)
+
+    monkeypatch.setattr(Engine, "render", render)
+    code, output = invoke("run", str(recipe))
+    assert code == 1
+    rows = manifest(recipe.parent / "out")
+    assert [row["status"] for row in rows] == ["done", "failed", "done", "done"]
+    assert rows[1]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "FAILED" in output
+
+    monkeypatch.setattr(Engine, "render", real_render)
+    code, output = invoke("run", str(recipe))  # the failed job is retried, the rest kept
+    assert code == 0 and "1 made, 0 failed, 3 already done" in output
+
+
+def test_fail_fast_stops_at_the_first_failure(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchgen.engine import Engine
+
+    def render(self, job, init):  # type: ignore[no-untyped-def]
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(Engine, "render", render)
+    code, output = invoke("run", str(recipe), "--fail-fast")
+    assert code == 1 and "--fail-fast" in output
+    assert len(manifest(recipe.parent / "out")) == 1
+
+
+def test_bad_input_exits_2_before_loading_a_model(recipe: Path) -> None:
+    recipe.write_text(recipe.read_text().replace("steps: 4", "stepz: 4"))
+    for command in ("run", "plan", "validate"):
+        code, output = invoke(command, str(recipe))
+        assert code == 2
+        assert f"{recipe}:6: stepz: unknown key" in output and "did you mean `steps`?" in output
+    assert not (recipe.parent / "out").exists()
+
+
+def test_unknown_device_is_bad_input(recipe: Path) -> None:
+    code, output = invoke("run", str(recipe), "--device", "tpu")
+    assert code == 2 and "tpu" in output
+
+
+def test_missing_recipe_file_is_bad_input(tmp_path: Path) -> None:
+    code, output = invoke("validate", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "no such recipe file" in output
+
+
+def test_plan_counts_done_and_to_do_and_steps_taken(recipe: Path) -> None:
+    code, output = invoke("plan", str(recipe))
+    assert code == 0
+    assert "4 jobs: 0 done, 0 failed, 4 to do; 4 denoising steps to run" in output
+    assert "fixed: init pictures/gradient.png · steps 4" in output
+    invoke("run", str(recipe))
+    code, output = invoke("plan", str(recipe))
+    assert "4 jobs: 4 done, 0 failed, 0 to do; 0 denoising steps" in output
+
+
+def test_small_init_image_warning_is_printed_once_per_image(recipe: Path) -> None:
+    code, output = invoke("run", str(recipe))
+    assert output.count("smaller than 512x512") == 1
+
+
+def test_schema_is_json_for_editors() -> None:
+    code, output = invoke("schema")
+    assert code == 0 and json.loads(output)["title"] == "batchgen recipe"
+
+
+def test_validate_does_not_import_torch(recipe: Path) -> None:
+    probe = (
+        "import sys\nfrom batchgen.cli import main\n"
+        f"try:\n    main(['validate', {str(recipe)!r}])\nexcept SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=ROOT, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Path) -> None:
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    recipe = tmp_path / "many.yaml"
+    recipe.write_text(RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 10}")
+                      .replace("[0.0, 0.5]", "0.75"))
+    command = [sys.executable, "-m", "batchgen", "run", str(recipe), "-o", str(tmp_path / "o")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("[1/20]"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 130
+    assert "run the same command again" in output
+    made = len(manifest(tmp_path / "o"))
+    assert 1 <= made < 20
+    assert not [p for p in (tmp_path / "o" / "images").iterdir() if p.suffix != ".png"]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert finished.returncode == 0
+    assert f"{20 - made} made, 0 failed, {made} already done" in finished.stdout
+    rows = manifest(tmp_path / "o")
+    assert len(rows) == 20 and len({row["id"] for row in rows}) == 20
+
+
+def test_run_is_importable_as_a_library(recipe: Path) -> None:
+    import batchgen
+
+    result = batchgen.run(recipe, quiet=True)
+    assert (result.made, result.failed, result.exit_code) == (4, 0, 0)
