@@ -20,7 +20,9 @@ from batchgen.devices import DTYPES, default_dtype, guess_device
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.plan import Plan, make_plan
-from batchgen.recipe import Problem, Recipe, RecipeError, load_recipe, recipe_json_schema
+from batchgen.problems import Problem, RecipeError
+from batchgen.recipe import Recipe, load_recipe
+from batchgen.recipe_file import recipe_json_schema
 from batchgen.store import ManifestError
 
 EXIT_BAD_INPUT = 2

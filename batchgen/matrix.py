@@ -19,7 +19,8 @@ from typing import Any
 
 from batchgen.images import output_size
 from batchgen.job import Job, nominal_steps, taken_steps
-from batchgen.recipe import AXES, Problem, Recipe
+from batchgen.problems import Problem
+from batchgen.recipe import AXES, Recipe
 
 DEFAULT_MAX_JOBS = 100_000
 
@@ -48,7 +49,8 @@ def combinations(recipe: Recipe, problems: list[Problem] | None = None) -> Itera
         if matched[index]:
             continue
         open_axes = [
-            axis for axis in AXES
+            axis
+            for axis in AXES
             if axis in recipe.swept and axis not in entry and len(recipe.axes[axis]) > 1
         ]
         if open_axes:
@@ -74,8 +76,9 @@ def upper_bound(recipe: Recipe) -> int:
 
 def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Job:
     image = combination["init_image"]
-    width, height = output_size((image.width, image.height), recipe.width, recipe.height,
-                                recipe.fit)
+    width, height = output_size(
+        (image.width, image.height), recipe.width, recipe.height, recipe.fit
+    )
     return Job(
         index=index,
         init_image=image,

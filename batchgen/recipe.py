@@ -1,42 +1,41 @@
 """YAML recipe → typed, resolved `Recipe`.
 
-The file's shape is a pydantic model (`RecipeFile`, also the source of `batchgen schema`);
-everything pydantic cannot know — globs, files on disk, scheduler and model names, ranges —
+The file's shape is checked first (`recipe_file.RecipeFile`, also `batchgen schema`);
+everything a schema cannot know — globs, files on disk, scheduler and model names, ranges —
 is checked after it. Every problem is collected, not just the first, and names the file, the
 line and the field, with a hint where one helps. Torch is never imported here.
 """
 
 from __future__ import annotations
 
-import difflib
 import glob
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    TypeAdapter,
     ValidationError,
 )
-from pydantic_core import ErrorDetails
 
 from batchgen import __version__
 from batchgen.images import InitImageError, read_header
 from batchgen.job import InitImage, StepsMode
 from batchgen.models import ModelNotFoundError, ModelSource, resolve_model
+from batchgen.problems import PathKey, Problem, RecipeError, YamlDocument, did_you_mean
+from batchgen.recipe_file import (
+    AXIS_ITEM,
+    FIELD_HINTS,
+    MAX_SEED,
+    GridSpec,
+    Range,
+    RecipeFile,
+    SeedRange,
+    validate_shape,
+)
 from batchgen.schedulers import UnknownSchedulerError, scheduler_spec
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 
 # Sweep axes, by the singular name jobs, include/exclude and grids use, with the recipe keys
 # that give them values.
@@ -51,274 +50,6 @@ AXIS_OF_KEY: dict[str, str] = {
     "seeds": "seed",
     "scheduler": "scheduler",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# The file's shape
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
-
-
-class Range(_Strict):
-    """`{start, stop, step}` or `{start, stop, num}`; stop is included."""
-
-    start: float
-    stop: float
-    step: float | None = Field(default=None, gt=0)
-    num: StrictInt | None = Field(default=None, ge=1)
-
-
-class SeedRange(_Strict):
-    """`{start: 1000, count: 8}`: the seeds 1000 … 1007."""
-
-    start: StrictInt = Field(ge=0, le=MAX_SEED)
-    count: StrictInt = Field(ge=1)
-
-
-class Variations(_Strict):
-    count: StrictInt = Field(default=0, ge=0)
-    amount: float = Field(default=0.1, ge=0.0, le=1.0)
-    mode: Literal["noise", "feedback"] = "noise"
-
-
-AxisName = Literal["init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
-
-
-class GridSpec(_Strict):
-    x: AxisName
-    y: AxisName | None = None
-
-
-Strength = Annotated[float, Field(ge=0.0, le=1.0)]
-Steps = Annotated[StrictInt, Field(ge=1)]
-Cfg = Annotated[float, Field(ge=0.0)]
-Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
-Size = Annotated[StrictInt, Field(ge=8, multiple_of=8)]
-
-
-class RecipeFile(_Strict):
-    """A batchgen recipe (v1): init images × prompts × strengths × steps × cfg × seeds."""
-
-    model_config = ConfigDict(title="batchgen recipe")
-
-    name: str | None = Field(default=None, description="Output folder name; default: file stem")
-    model: str = Field(
-        default="builtin:tiny",
-        description="builtin:tiny, a diffusers folder, or a hub id in the local cache",
-    )
-    scheduler: str | list[str] = Field(
-        default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"
-    )
-    init_images: str | list[str] = Field(
-        description="Paths relative to the recipe file; globs allowed"
-    )
-    prompts: str | list[str] | None = None
-    prompts_file: str | None = Field(default=None, description="One prompt a line")
-    negative_prompt: str = ""
-    strength: Strength | list[Strength] | Range = 0.75
-    steps: Steps | list[Steps] | Range = 50
-    steps_mode: Literal["nominal", "effective"] = Field(
-        default="nominal",
-        description="nominal: the denoiser takes int(steps*strength); effective: exactly steps",
-    )
-    cfg: Cfg | list[Cfg] | Range = 7.5
-    seeds: Seed | list[Seed] | SeedRange
-    width: Size | None = None
-    height: Size | None = None
-    fit: StrictBool = Field(
-        default=False, description="Downscale the init image to fit width×height, keeping aspect"
-    )
-    variations: Variations = Field(default_factory=Variations)
-    include: list[dict[str, Any]] = Field(default_factory=list)
-    exclude: list[dict[str, Any]] = Field(default_factory=list)
-    output: str | None = Field(default=None, description="Default: outputs/<name>")
-    intermediates: StrictBool = False
-    grids: list[GridSpec] = Field(default_factory=list)
-
-
-RECIPE_KEYS: tuple[str, ...] = tuple(RecipeFile.model_fields)
-
-
-def recipe_json_schema() -> dict[str, Any]:
-    schema = RecipeFile.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-# ---------------------------------------------------------------------------------------------
-# Problems
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: Path
-    line: int | None
-    field: str
-    message: str
-    hint: str | None = None
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else f"{self.file}"
-        text = (
-            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-        )
-        return f"{text}\n    hint: {self.hint}" if self.hint else text
-
-
-class RecipeError(Exception):
-    """Bad input: one or more problems, all reported at once."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(str(p) for p in problems))
-
-
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else None
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-PathKey = tuple[str | int, ...]
-
-
-def _field_name(path: PathKey) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-class _Document:
-    """The parsed YAML and the line of every key and item in it."""
-
-    def __init__(self, file: Path, text: str) -> None:
-        self.file = file
-        self.lines: dict[PathKey, int] = {}
-        self.problems: list[Problem] = []
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            self.data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = mark.line + 1 if mark else None
-            reason = getattr(error, "problem", None) or str(error)
-            self.problems.append(Problem(file, line, "", f"not valid YAML: {reason}"))
-            self.data = None
-            return
-        if node is not None:
-            self._index(node, ())
-
-    def _index(self, node: yaml.Node, path: PathKey) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            seen: set[str] = set()
-            for key_node, value_node in node.value:
-                key = key_node.value
-                if key in seen:
-                    self.problems.append(
-                        Problem(
-                            self.file,
-                            key_node.start_mark.line + 1,
-                            _field_name((*path, key)),
-                            "given twice; the later value would silently win",
-                            "keep one",
-                        )
-                    )
-                seen.add(key)
-                self.lines[(*path, key)] = key_node.start_mark.line + 1
-                self._index(value_node, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self._index(item, (*path, index))
-
-    def line(self, path: PathKey) -> int | None:
-        """The line of `path`, or of its nearest parent written in the file; the document's
-        own first line says nothing about a key that is missing, so that is None."""
-        while path not in self.lines and path:
-            path = path[:-1]
-        return self.lines.get(path) if path else None
-
-    def problem(self, path: PathKey, message: str, hint: str | None = None) -> Problem:
-        return Problem(self.file, self.line(path), _field_name(path), message, hint)
-
-
-def _child(node: Any, part: str | int) -> tuple[bool, Any]:
-    if isinstance(node, dict) and part in node:
-        return True, node[part]
-    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-        return True, node[part]
-    return False, None
-
-
-def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:
-    """Pydantic's error location without its union-member tags: only real keys and indexes."""
-    path: list[str | int] = []
-    node = data
-    for part in loc:
-        found, child = _child(node, part)
-        if found:
-            node = child
-        elif not (isinstance(node, dict) and not path and isinstance(part, str)):
-            continue  # a union member's tag, not a place in the file
-        path.append(part)  # (or a missing top-level field, named by its key)
-    return tuple(path)
-
-
-def _shape_problems(doc: _Document, error: ValidationError) -> list[Problem]:
-    """One problem per field: for a union, the error that got deepest into the value."""
-    best: dict[PathKey, tuple[PathKey, ErrorDetails]] = {}
-    for item in error.errors():
-        path = _data_path(doc.data, tuple(item["loc"]))
-        if path[:1] not in best or len(path) > len(best[path[:1]][0]):
-            best[path[:1]] = (path, item)
-    problems = []
-    for path, item in best.values():
-        message = item["msg"]
-        hint = _FIELD_HINTS.get(str(path[0])) if path else None
-        if item["type"] == "extra_forbidden":
-            choices = RECIPE_KEYS if len(path) == 1 else _nested_keys(path[0])
-            hint = did_you_mean(str(path[-1]), choices) or f"known keys: {', '.join(choices)}"
-            message = "unknown key"
-        elif item["type"] == "missing":
-            message = "is required"
-            hint = _REQUIRED_HINTS.get(str(path[-1]))
-        elif item["type"] == "literal_error":
-            expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
-            hint = did_you_mean(str(item["input"]), expected)
-        problems.append(doc.problem(path, message, hint))
-    return problems
-
-
-def _nested_keys(top: str | int) -> tuple[str, ...]:
-    nested: dict[str, type[BaseModel]] = {
-        "variations": Variations,
-        "grids": GridSpec,
-        "seeds": SeedRange,
-    }
-    model = nested.get(str(top), Range)
-    return tuple(model.model_fields)
-
-
-_REQUIRED_HINTS = {
-    "init_images": "list the pictures to start from, e.g. `init_images: [pictures/fire.png]`",
-    "seeds": "give a seed or a list, e.g. `seeds: [1592514025]` or `seeds: {start: 1, count: 4}`",
-}
-_FIELD_HINTS = {
-    "strength": "a number 0–1, a list, or a range {start, stop, step|num}",
-    "steps": "a whole number ≥ 1, a list, or a range {start, stop, step|num}",
-    "cfg": "a number ≥ 0, a list, or a range {start, stop, step|num}",
-    "seeds": "a seed, a list of seeds, or {start, count}",
-    "width": "a multiple of 8, e.g. 512",
-    "height": "a multiple of 8, e.g. 512",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# The resolved recipe
 
 
 @dataclass(frozen=True)
@@ -381,7 +112,7 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
         raise RecipeError([Problem(file, None, "", "no such recipe file")]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError([Problem(file, None, "", f"cannot read the recipe: {error}")]) from None
-    doc = _Document(file, text)
+    doc = YamlDocument(file, text)
     if doc.problems and doc.data is None:
         raise RecipeError(doc.problems)
     if not isinstance(doc.data, dict):
@@ -397,7 +128,7 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
             ]
         )
     problems = list(doc.problems)
-    shape, shape_problems = _validate_shape(doc)
+    shape, shape_problems = validate_shape(doc)
     resolver = _Resolver(
         doc, shape, skip={p.field.split(".")[0].split("[")[0] for p in shape_problems}
     )
@@ -408,26 +139,10 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
     return recipe
 
 
-# Stand-ins for required fields that are missing or wrong, so that the other fields still get
-# every check and one `validate` reports all problems.
-_PLACEHOLDERS: dict[str, Any] = {"init_images": [], "seeds": 0}
-
-
-def _validate_shape(doc: _Document) -> tuple[RecipeFile, list[Problem]]:
-    """The file's shape; on errors, the shape of the fields that are fine, and the errors."""
-    try:
-        return RecipeFile.model_validate(doc.data), []
-    except ValidationError as error:
-        problems = _shape_problems(doc, error)
-        bad_keys = {item["loc"][0] for item in error.errors() if item["loc"]}
-    good = {key: value for key, value in doc.data.items() if key not in bad_keys}
-    return RecipeFile.model_validate(_PLACEHOLDERS | good), problems
-
-
 class _Resolver:
     """Checks that need the disk or the name tables, collecting problems as it goes."""
 
-    def __init__(self, doc: _Document, shape: RecipeFile, skip: set[str]) -> None:
+    def __init__(self, doc: YamlDocument, shape: RecipeFile, skip: set[str]) -> None:
         self.doc = doc
         self.shape = shape
         self.skip = skip  # fields whose shape was wrong: already reported, stand-ins now
@@ -581,16 +296,16 @@ class _Resolver:
         else:
             values = value if isinstance(value, list) else [value]
         if not values:
-            self.fail((key,), "is empty", _FIELD_HINTS[key])
+            self.fail((key,), "is empty", FIELD_HINTS[key])
         if kind is int and any(float(v) != int(v) for v in values):
-            self.fail((key,), f"must be whole numbers, got {values}", _FIELD_HINTS[key])
+            self.fail((key,), f"must be whole numbers, got {values}", FIELD_HINTS[key])
             return ()
         checked = [kind(v) for v in values]
         for number in checked:
             try:
-                _AXIS_ITEM[key].validate_python(number)
+                AXIS_ITEM[key].validate_python(number)
             except ValidationError as error:
-                self.fail((key,), f"{number}: {error.errors()[0]['msg']}", _FIELD_HINTS[key])
+                self.fail((key,), f"{number}: {error.errors()[0]['msg']}", FIELD_HINTS[key])
         return tuple(dict.fromkeys(checked))
 
     def _expand_range(self, key: str, spec: Range) -> list[float]:
@@ -623,7 +338,7 @@ class _Resolver:
             return range(seeds.start, seeds.start + seeds.count)  # type: ignore[return-value]
         values = seeds if isinstance(seeds, list) else [seeds]
         if not values:
-            self.fail(("seeds",), "is empty", _FIELD_HINTS["seeds"])
+            self.fail(("seeds",), "is empty", FIELD_HINTS["seeds"])
         return tuple(dict.fromkeys(values))
 
     def _schedulers(self) -> tuple[str, ...]:
@@ -680,20 +395,11 @@ class _Resolver:
         if axis == "prompt":
             return str(value)
         try:
-            return _AXIS_ITEM[axis].validate_python(value)
+            return AXIS_ITEM[axis].validate_python(value)
         except ValidationError as error:
             self.fail(
                 where,
                 error.errors()[0]["msg"],
-                _FIELD_HINTS.get("seeds" if axis == "seed" else axis),
+                FIELD_HINTS.get("seeds" if axis == "seed" else axis),
             )
             return None
-
-
-# Validators for one value of a numeric axis, shared by ranges and include/exclude entries.
-_AXIS_ITEM: dict[str, TypeAdapter[Any]] = {
-    "strength": TypeAdapter(Strength),
-    "steps": TypeAdapter(Steps),
-    "cfg": TypeAdapter(Cfg),
-    "seed": TypeAdapter(Seed),
-}

@@ -23,8 +23,9 @@ from batchgen.images import PreparedImage, is_small, prepare, read_header
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
 from batchgen.plan import make_plan
+from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
-from batchgen.recipe import Recipe, RecipeError, load_recipe
+from batchgen.recipe import Recipe, load_recipe
 from batchgen.store import (
     Manifest,
     ManifestError,

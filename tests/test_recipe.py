@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from batchgen.matrix import check
-from batchgen.recipe import RecipeError, load_recipe, recipe_json_schema
+from batchgen.problems import RecipeError
+from batchgen.recipe import load_recipe
+from batchgen.recipe_file import recipe_json_schema
 
 DATA = Path(__file__).parent / "data"
 BAD_RECIPES = sorted((DATA / "bad_recipes").glob("*.yaml"))
@@ -50,14 +52,19 @@ def write(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
 
 
 def test_scalars_lists_and_both_range_forms(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path, """
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            """
 init_images: pictures/red.png
 prompts: fire
 strength: {start: 0.3, stop: 0.9, step: 0.2}
 cfg: {start: 5, stop: 8, num: 3}
 steps: [10, 20]
 seeds: {start: 1000, count: 3}
-"""))
+""",
+        )
+    )
     assert recipe.axes["strength"] == (0.3, 0.5, 0.7, 0.9)
     assert recipe.axes["cfg"] == (5.0, 6.5, 8.0)
     assert recipe.axes["steps"] == (10, 20)
@@ -68,19 +75,29 @@ seeds: {start: 1000, count: 3}
 
 def test_globs_and_prompts_file_are_relative_to_the_recipe(tmp_path: Path) -> None:
     (tmp_path / "prompts.txt").write_text("fire\n\ncheery open fire, photograph\n")
-    recipe = load_recipe(write(tmp_path, """
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            """
 init_images: [pictures/*.png]
 prompts_file: prompts.txt
 seeds: 1
-"""))
+""",
+        )
+    )
     assert [image.label for image in recipe.axes["init_image"]] == [
-        "pictures/blue-wide.png", "pictures/red.png"]
+        "pictures/blue-wide.png",
+        "pictures/red.png",
+    ]
     assert recipe.axes["prompt"] == ("fire", "cheery open fire, photograph")
 
 
 def test_defaults_fill_in_and_output_goes_to_outputs_name(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path, "init_images: pictures/red.png\nprompts: x\nseeds: 1\n",
-                               name="my-sweep.yaml"))
+    recipe = load_recipe(
+        write(
+            tmp_path, "init_images: pictures/red.png\nprompts: x\nseeds: 1\n", name="my-sweep.yaml"
+        )
+    )
     assert recipe.name == "my-sweep"
     assert recipe.output == (Path("outputs") / "my-sweep").absolute()
     assert recipe.model.reference == "builtin:tiny"
@@ -89,12 +106,17 @@ def test_defaults_fill_in_and_output_goes_to_outputs_name(tmp_path: Path) -> Non
 
 
 def test_explicit_output_is_relative_to_the_recipe(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path, """
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            """
 init_images: pictures/red.png
 prompts: x
 seeds: 1
 output: runs/here
-"""))
+""",
+        )
+    )
     assert recipe.output == tmp_path / "runs" / "here"
 
 
@@ -102,6 +124,7 @@ def test_schema_is_generated_from_the_recipe_model() -> None:
     schema = recipe_json_schema()
     assert schema["title"] == "batchgen recipe"
     assert {"init_images", "prompts", "strength", "seeds", "steps_mode"} <= set(
-        schema["properties"])
+        schema["properties"]
+    )
     assert schema["additionalProperties"] is False
     assert "init_images" in schema["required"]

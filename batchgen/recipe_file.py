@@ -1,0 +1,208 @@
+"""The recipe file's shape as pydantic models: the source of `batchgen schema`, and the first
+check of a recipe. Shape errors become `Problem`s at the right line, one per field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
+
+from batchgen.problems import PathKey, Problem, YamlDocument, did_you_mean
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class Range(_Strict):
+    """`{start, stop, step}` or `{start, stop, num}`; stop is included."""
+
+    start: float
+    stop: float
+    step: float | None = Field(default=None, gt=0)
+    num: StrictInt | None = Field(default=None, ge=1)
+
+
+class SeedRange(_Strict):
+    """`{start: 1000, count: 8}`: the seeds 1000 … 1007."""
+
+    start: StrictInt = Field(ge=0, le=MAX_SEED)
+    count: StrictInt = Field(ge=1)
+
+
+class Variations(_Strict):
+    count: StrictInt = Field(default=0, ge=0)
+    amount: float = Field(default=0.1, ge=0.0, le=1.0)
+    mode: Literal["noise", "feedback"] = "noise"
+
+
+AxisName = Literal["init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
+
+
+class GridSpec(_Strict):
+    x: AxisName
+    y: AxisName | None = None
+
+
+Strength = Annotated[float, Field(ge=0.0, le=1.0)]
+Steps = Annotated[StrictInt, Field(ge=1)]
+Cfg = Annotated[float, Field(ge=0.0)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
+Size = Annotated[StrictInt, Field(ge=8, multiple_of=8)]
+
+
+class RecipeFile(_Strict):
+    """A batchgen recipe (v1): init images × prompts × strengths × steps × cfg × seeds."""
+
+    model_config = ConfigDict(title="batchgen recipe")
+
+    name: str | None = Field(default=None, description="Output folder name; default: file stem")
+    model: str = Field(
+        default="builtin:tiny",
+        description="builtin:tiny, a diffusers folder, or a hub id in the local cache",
+    )
+    scheduler: str | list[str] = Field(
+        default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"
+    )
+    init_images: str | list[str] = Field(
+        description="Paths relative to the recipe file; globs allowed"
+    )
+    prompts: str | list[str] | None = None
+    prompts_file: str | None = Field(default=None, description="One prompt a line")
+    negative_prompt: str = ""
+    strength: Strength | list[Strength] | Range = 0.75
+    steps: Steps | list[Steps] | Range = 50
+    steps_mode: Literal["nominal", "effective"] = Field(
+        default="nominal",
+        description="nominal: the denoiser takes int(steps*strength); effective: exactly steps",
+    )
+    cfg: Cfg | list[Cfg] | Range = 7.5
+    seeds: Seed | list[Seed] | SeedRange
+    width: Size | None = None
+    height: Size | None = None
+    fit: StrictBool = Field(
+        default=False, description="Downscale the init image to fit width×height, keeping aspect"
+    )
+    variations: Variations = Field(default_factory=Variations)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    output: str | None = Field(default=None, description="Default: outputs/<name>")
+    intermediates: StrictBool = False
+    grids: list[GridSpec] = Field(default_factory=list)
+
+
+RECIPE_KEYS: tuple[str, ...] = tuple(RecipeFile.model_fields)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = RecipeFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _child(node: Any, part: str | int) -> tuple[bool, Any]:
+    if isinstance(node, dict) and part in node:
+        return True, node[part]
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return True, node[part]
+    return False, None
+
+
+def _data_path(data: Any, loc: tuple[str | int, ...]) -> PathKey:
+    """Pydantic's error location without its union-member tags: only real keys and indexes."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        found, child = _child(node, part)
+        if found:
+            node = child
+        elif not (isinstance(node, dict) and not path and isinstance(part, str)):
+            continue  # a union member's tag, not a place in the file
+        path.append(part)  # (or a missing top-level field, named by its key)
+    return tuple(path)
+
+
+def _shape_problems(doc: YamlDocument, error: ValidationError) -> list[Problem]:
+    """One problem per field: for a union, the error that got deepest into the value."""
+    best: dict[PathKey, tuple[PathKey, ErrorDetails]] = {}
+    for item in error.errors():
+        path = _data_path(doc.data, tuple(item["loc"]))
+        if path[:1] not in best or len(path) > len(best[path[:1]][0]):
+            best[path[:1]] = (path, item)
+    problems = []
+    for path, item in best.values():
+        message = item["msg"]
+        hint = FIELD_HINTS.get(str(path[0])) if path else None
+        if item["type"] == "extra_forbidden":
+            choices = RECIPE_KEYS if len(path) == 1 else _nested_keys(path[0])
+            hint = did_you_mean(str(path[-1]), choices) or f"known keys: {', '.join(choices)}"
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "is required"
+            hint = _REQUIRED_HINTS.get(str(path[-1]))
+        elif item["type"] == "literal_error":
+            expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
+            hint = did_you_mean(str(item["input"]), expected)
+        problems.append(doc.problem(path, message, hint))
+    return problems
+
+
+def _nested_keys(top: str | int) -> tuple[str, ...]:
+    nested: dict[str, type[BaseModel]] = {
+        "variations": Variations,
+        "grids": GridSpec,
+        "seeds": SeedRange,
+    }
+    model = nested.get(str(top), Range)
+    return tuple(model.model_fields)
+
+
+_REQUIRED_HINTS = {
+    "init_images": "list the pictures to start from, e.g. `init_images: [pictures/fire.png]`",
+    "seeds": "give a seed or a list, e.g. `seeds: [1592514025]` or `seeds: {start: 1, count: 4}`",
+}
+FIELD_HINTS = {
+    "strength": "a number 0–1, a list, or a range {start, stop, step|num}",
+    "steps": "a whole number ≥ 1, a list, or a range {start, stop, step|num}",
+    "cfg": "a number ≥ 0, a list, or a range {start, stop, step|num}",
+    "seeds": "a seed, a list of seeds, or {start, count}",
+    "width": "a multiple of 8, e.g. 512",
+    "height": "a multiple of 8, e.g. 512",
+}
+
+
+# Stand-ins for required fields that are missing or wrong, so that the other fields still get
+# every check and one `validate` reports all problems.
+_PLACEHOLDERS: dict[str, Any] = {"init_images": [], "seeds": 0}
+
+
+def validate_shape(doc: YamlDocument) -> tuple[RecipeFile, list[Problem]]:
+    """The file's shape; on errors, the shape of the fields that are fine, and the errors."""
+    try:
+        return RecipeFile.model_validate(doc.data), []
+    except ValidationError as error:
+        problems = _shape_problems(doc, error)
+        bad_keys = {item["loc"][0] for item in error.errors() if item["loc"]}
+    good = {key: value for key, value in doc.data.items() if key not in bad_keys}
+    return RecipeFile.model_validate(_PLACEHOLDERS | good), problems
+
+
+# Validators for one value of a numeric axis, shared by ranges and include/exclude entries.
+AXIS_ITEM: dict[str, TypeAdapter[Any]] = {
+    "strength": TypeAdapter(Strength),
+    "steps": TypeAdapter(Steps),
+    "cfg": TypeAdapter(Cfg),
+    "seed": TypeAdapter(Seed),
+}
