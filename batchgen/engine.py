@@ -1,0 +1,245 @@
+"""Rendering jobs on a device: the model's components loaded once, and our own img2img loop.
+
+The only module that imports torch and diffusers. `Engine.render` follows diffusers'
+`StableDiffusionImg2ImgPipeline.__call__` step by step and gives the same pixels, but the
+denoising loop is ours, so that custom noise, per-step hooks, caches and batching can be added
+around it without patching the pipeline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
+from diffusers.utils import logging as diffusers_logging
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
+
+from batchgen.devices import DTYPES, default_dtype
+from batchgen.images import PreparedImage
+from batchgen.job import Job, taken_steps
+from batchgen.schedulers import scheduler_spec
+
+# A diffusers scheduler. Their shared base, SchedulerMixin, does not declare the methods every
+# one of them has (set_timesteps, scale_model_input, step, add_noise), so type checkers can't.
+Scheduler = Any
+
+
+def resolve_device(device: str) -> str:
+    """`auto` is CUDA if torch sees a GPU, else Apple's MPS, else the CPU; a device named
+    explicitly must be usable here, or this raises a ValueError that says what to use."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                "device `mps` is not available: this machine or torch build has no Apple GPU "
+                "support; use `--device cpu`"
+            )
+        return device
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise ValueError(f"unknown device `{device}`; use auto, cpu, cuda, cuda:N or mps")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise ValueError(
+            f"device `{device}` is not available: torch {torch.__version__} sees no CUDA GPU "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use `--device cpu`"
+        )
+    if colon and int(index) >= gpus:
+        raise ValueError(
+            f"device `{device}` is not available: torch sees {gpus} CUDA GPU(s), "
+            f"cuda:0 to cuda:{gpus - 1}"
+        )
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` is float16 on CUDA and float32 on the CPU and MPS (see devices.default_dtype)."""
+    resolved = default_dtype(dtype, device)
+    if resolved not in DTYPES:
+        raise ValueError(f"unknown dtype `{dtype}`; use auto, {', '.join(DTYPES)}")
+    return resolved
+
+
+def _silence_libraries() -> None:
+    """Our progress lines replace theirs: no tqdm bars or info logs in a run's output."""
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+class Engine:
+    """One model on one device: the components are loaded once, then `render` makes a job."""
+
+    def __init__(self, model_path: Path, device: str = "auto", dtype: str = "auto") -> None:
+        started = time.perf_counter()
+        _silence_libraries()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.torch_dtype: torch.dtype = getattr(torch, self.dtype)
+
+        weights = {"local_files_only": True, "use_safetensors": True, "dtype": self.torch_dtype}
+        self.tokenizer = CLIPTokenizer.from_pretrained(
+            model_path, subfolder="tokenizer", local_files_only=True
+        )
+        self.text_encoder = CLIPTextModel.from_pretrained(
+            model_path, subfolder="text_encoder", **weights
+        )
+        self.vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **weights)
+        self.unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **weights)
+        models: tuple[torch.nn.Module, ...] = (self.text_encoder, self.vae, self.unet)
+        for model in models:
+            model.to(self.device).eval().requires_grad_(False)
+
+        # The model's own scheduler config; each job builds its scheduler class from it.
+        config_file = Path(model_path) / "scheduler" / SCHEDULER_CONFIG_NAME
+        self.scheduler_config = json.loads(config_file.read_text(encoding="utf-8"))
+        # As the pipeline: the VAE halves the size once per down block but the last.
+        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+        self.load_seconds = time.perf_counter() - started
+
+    def render(self, job: Job, init: PreparedImage) -> PIL.Image.Image:
+        """The job's image, pixel for pixel what diffusers' img2img pipeline makes of it."""
+        if job.steps_taken == 0:
+            # Strength 0 "keeps the original intact" (seed doc); diffusers would fail here.
+            return init.rgb.copy()
+        pixels = self.render_pixels(job, init)
+        return VaeImageProcessor.numpy_to_pil(pixels[None])[0]
+
+    @torch.no_grad()
+    def render_pixels(self, job: Job, init: PreparedImage) -> np.ndarray:
+        """The job's image as float RGB in [0, 1], height × width × 3, before rounding to
+        8 bits. Needs at least one denoising step (`render` handles strength 0)."""
+        if job.steps_taken == 0:
+            raise ValueError(f"job {job.id} takes no denoising steps; `render` returns its init")
+        if init.rgb.size != (job.width, job.height):
+            raise ValueError(
+                f"init image is {init.rgb.size}, job {job.id} is {job.width}x{job.height}"
+            )
+        # One CPU generator per job, as `generator=` in diffusers: the same pixels on any device.
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        do_classifier_free_guidance = job.cfg > 1
+
+        prompt_embeds = self.encode_prompt(job.prompt)
+        if do_classifier_free_guidance:
+            # Unconditional and conditional in one UNet batch, in the pipeline's order.
+            prompt_embeds = torch.cat([self.encode_prompt(job.negative_prompt), prompt_embeds])
+
+        scheduler = self.make_scheduler(job.scheduler)
+        timesteps = self.get_timesteps(scheduler, job.steps_nominal, job.strength)
+        posterior = self.encode_init_image(init)
+        latents = self.prepare_latents(posterior, scheduler, timesteps[:1], generator)
+        extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generator)
+
+        for t in timesteps:
+            latent_model_input = (
+                torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+            )
+            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+            noise_pred = self.unet(
+                latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
+            )[0]
+            if do_classifier_free_guidance:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + job.cfg * (noise_pred_text - noise_pred_uncond)
+            latents = scheduler.step(
+                noise_pred, t, latents, **extra_step_kwargs, return_dict=False
+            )[0]
+
+        return self.decode(latents)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """CLIP's last hidden state for the prompt, padded and truncated to the tokenizer's
+        length (77 for SD), 1 × tokens × width."""
+        text_inputs = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        # Like the pipeline, the mask goes only to text encoders configured for it (not CLIP).
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = text_inputs.attention_mask.to(self.device)
+        prompt_embeds = self.text_encoder(
+            text_inputs.input_ids.to(self.device), attention_mask=attention_mask
+        )[0]
+        return prompt_embeds.to(dtype=self.text_encoder.dtype, device=self.device)
+
+    def make_scheduler(self, name: str) -> Scheduler:
+        """A fresh scheduler per job: schedulers keep state (step index, multistep history)."""
+        spec = scheduler_spec(name)
+        scheduler_class = getattr(diffusers, spec.class_name)
+        return scheduler_class.from_config(self.scheduler_config, **spec.config)
+
+    def get_timesteps(
+        self, scheduler: Scheduler, num_inference_steps: int, strength: float
+    ) -> torch.Tensor:
+        """The schedule for `num_inference_steps`, minus the first steps that strength skips
+        (diffusers' `get_timesteps`: int(steps × strength) steps are left)."""
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        t_start = num_inference_steps - taken_steps(num_inference_steps, strength)
+        # Second-order schedulers hold `order` timesteps per step.
+        begin_index = t_start * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin_index)
+        return scheduler.timesteps[begin_index:]
+
+    def encode_init_image(self, init: PreparedImage) -> DiagonalGaussianDistribution:
+        """The VAE's posterior over the init image's latents (mean and std, not a sample)."""
+        image = self.image_processor.preprocess(init.rgb)
+        image = image.to(device=self.device, dtype=self.torch_dtype)
+        return self.vae.encode(image).latent_dist
+
+    def prepare_latents(
+        self,
+        posterior: DiagonalGaussianDistribution,
+        scheduler: Scheduler,
+        first_timestep: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The init image's latents noised to the first timestep. The posterior is sampled
+        before the noise is drawn, with the same generator: the pipeline's random order."""
+        init_latents = self.vae.config.scaling_factor * posterior.sample(generator)
+        noise = randn_tensor(
+            init_latents.shape, generator=generator, device=self.device, dtype=self.torch_dtype
+        )
+        return scheduler.add_noise(init_latents, noise, first_timestep)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to float RGB in [0, 1], height × width × 3."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type="np")[0]
+
+
+def prepare_extra_step_kwargs(
+    scheduler: Scheduler, generator: torch.Generator
+) -> dict[str, object]:
+    """`eta` (DDIM's η, 0 as in the pipeline) and the generator, for the schedulers whose
+    `step` takes them; ancestral and SDE schedulers draw fresh noise at every step."""
+    accepted = inspect.signature(scheduler.step).parameters
+    extra_step_kwargs: dict[str, object] = {}
+    if "eta" in accepted:
+        extra_step_kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        extra_step_kwargs["generator"] = generator
+    return extra_step_kwargs

@@ -1,0 +1,267 @@
+"""The engine: same pixels as diffusers' img2img pipeline, the seed doc's step counts,
+strength 0 keeping the original, and bit-identical CPU renders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batchgen.engine import Engine, resolve_device, resolve_dtype
+from batchgen.images import PreparedImage, prepare, read_header
+from batchgen.job import InitImage, Job, StepsMode
+from batchgen.models import ModelSource, resolve_model
+from batchgen.schedulers import scheduler_spec
+
+SIZE = (64, 96)  # width, height: small, and not square so a transposition would show
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model is as fast on one thread, and several threads per process slow to a
+    crawl when other test processes share the cores (spinning OpenMP workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelSource:
+    return resolve_model("builtin:tiny", Path("."))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: ModelSource) -> Engine:
+    return Engine(tiny.path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny: ModelSource) -> Any:  # diffusers' pipelines are untyped attribute bags
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        tiny.path, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def init_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drawing with edges and gradients, so that the VAE has something to encode."""
+    y, x = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
+    pixels = np.stack([x * 4 % 256, y * 2 % 256, (x + y) * 3 % 256], axis=-1)
+    path = tmp_path_factory.mktemp("init") / "fire-drawing.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def init(init_path: Path) -> PreparedImage:
+    return prepare(init_path, SIZE)
+
+
+@pytest.fixture(scope="module")
+def job(init_path: Path, tiny: ModelSource) -> Job:
+    """The seed doc's example, at a tiny size: 10 steps at strength 0.7 with k_lms."""
+    header = read_header(init_path)
+    return Job(
+        index=0,
+        init_image=InitImage(init_path, init_path.name, header.sha256, *SIZE),
+        prompt="cheery open fire, photograph",
+        negative_prompt="",
+        strength=0.7,
+        steps=10,
+        steps_mode="nominal",
+        cfg=7.5,
+        seed=1592514025,
+        scheduler="k_lms",
+        width=SIZE[0],
+        height=SIZE[1],
+        fit=False,
+        model=tiny.identity,
+        dtype="float32",
+    )
+
+
+@pytest.fixture
+def unet_calls(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts UNet forward passes (a classifier-free-guidance pair is one batched pass)."""
+    calls: list[int] = []
+    forward = engine.unet.forward
+
+    def counting_forward(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.unet, "forward", counting_forward)
+    return calls
+
+
+def pipeline_output(pipe: Any, job: Job, init: PreparedImage, output_type: str) -> np.ndarray:
+    spec = scheduler_spec(job.scheduler)
+    scheduler_class = getattr(diffusers, spec.class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **spec.config)
+    images = pipe(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        image=init.rgb,
+        strength=job.strength,
+        num_inference_steps=job.steps_nominal,
+        guidance_scale=job.cfg,
+        generator=torch.Generator("cpu").manual_seed(job.seed),
+        output_type=output_type,
+    ).images
+    return np.asarray(images[0])
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "cfg", "negative_prompt"),
+    [
+        ("k_lms", 7.5, ""),
+        ("ddim", 7.5, "blurry, smoke"),
+        ("k_euler_a", 7.5, "blurry, smoke"),  # ancestral: draws from the generator every step
+        ("k_dpmpp_2", 7.5, ""),
+        ("plms", 7.5, ""),  # the model's own scheduler, with PLMS's repeated first timestep
+        ("k_heun", 7.5, ""),  # second order: two timesteps per step
+        ("k_lms", 1.0, "blurry, smoke"),  # no guidance: the negative prompt is not used
+    ],
+)
+def test_render_matches_the_diffusers_img2img_pipeline(
+    engine: Engine,
+    pipeline: Any,
+    job: Job,
+    init: PreparedImage,
+    scheduler: str,
+    cfg: float,
+    negative_prompt: str,
+) -> None:
+    job = replace(job, scheduler=scheduler, cfg=cfg, negative_prompt=negative_prompt)
+
+    ours = engine.render_pixels(job, init)
+    theirs = pipeline_output(pipeline, job, init, output_type="np")
+
+    assert ours.shape == theirs.shape == (job.height, job.width, 3)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    ours_8bit = np.asarray(engine.render(job, init))
+    assert np.array_equal(ours_8bit, pipeline_output(pipeline, job, init, output_type="pil"))
+
+
+def test_guidance_uses_the_negative_prompt(engine: Engine, job: Job, init: PreparedImage) -> None:
+    plain = engine.render_pixels(job, init)
+    negative = engine.render_pixels(replace(job, negative_prompt="blurry, smoke"), init)
+    unguided = engine.render_pixels(replace(job, cfg=1.0), init)
+    unguided_negative = engine.render_pixels(
+        replace(job, cfg=1.0, negative_prompt="blurry, smoke"), init
+    )
+
+    assert not np.array_equal(plain, negative)
+    assert np.array_equal(unguided, unguided_negative)
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "steps_mode", "nominal", "taken"),
+    [
+        (10, 0.7, "nominal", 10, 7),  # the seed doc's table
+        (10, 0.4, "nominal", 10, 4),
+        (4, 0.4, "effective", 10, 4),  # the seed doc's 20 ÷ 0.4 = 50, scaled down
+    ],
+)
+def test_the_denoiser_takes_int_steps_times_strength_steps(
+    engine: Engine,
+    job: Job,
+    init: PreparedImage,
+    unet_calls: list[int],
+    steps: int,
+    strength: float,
+    steps_mode: StepsMode,
+    nominal: int,
+    taken: int,
+) -> None:
+    job = replace(job, steps=steps, strength=strength, steps_mode=steps_mode)
+
+    engine.render(job, init)
+
+    assert (job.steps_nominal, job.steps_taken) == (nominal, taken)
+    assert len(unet_calls) == taken
+
+
+def test_strength_zero_keeps_the_original_intact(
+    engine: Engine, job: Job, init: PreparedImage, unet_calls: list[int]
+) -> None:
+    job = replace(job, strength=0.0)
+
+    image = engine.render(job, init)
+
+    assert job.steps_taken == 0
+    assert unet_calls == []
+    assert image.size == init.rgb.size
+    assert np.array_equal(np.asarray(image), np.asarray(init.rgb))
+
+
+def test_cpu_renders_are_bit_identical_across_calls_and_engines(
+    engine: Engine, tiny: ModelSource, job: Job, init: PreparedImage
+) -> None:
+    job = replace(job, scheduler="k_euler_a")  # random draws inside the loop too
+
+    first = engine.render(job, init).tobytes()
+    second = engine.render(job, init).tobytes()
+    from_another_engine = Engine(tiny.path, device="cpu").render(job, init).tobytes()
+
+    assert first == second == from_another_engine
+
+
+def test_different_seeds_give_different_images(
+    engine: Engine, job: Job, init: PreparedImage
+) -> None:
+    first = engine.render(job, init)
+    other_seed = engine.render(replace(job, seed=job.seed + 1), init)
+
+    assert first.tobytes() != other_seed.tobytes()
+
+
+def test_engine_records_what_it_loaded(engine: Engine) -> None:
+    assert (engine.device, engine.dtype) == ("cpu", "float32")
+    assert engine.unet.dtype == engine.text_encoder.dtype == engine.vae.dtype == torch.float32
+    assert 0 < engine.load_seconds < 60
+
+
+def test_auto_device_and_dtype_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    assert resolve_device("auto") == "cpu"
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "cuda:1") == "float16"
+    assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("cuda", "sees no CUDA GPU"),
+        ("cuda:1", "sees no CUDA GPU"),
+        ("mps", "no Apple GPU"),
+        ("gpu", "unknown device `gpu`"),
+        ("cuda:x", "unknown device `cuda:x`"),
+    ],
+)
+def test_an_unavailable_device_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, device: str, message: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)
+
+
+def test_an_unknown_dtype_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown dtype `fp16`; use auto, float32"):
+        resolve_dtype("fp16", "cpu")
