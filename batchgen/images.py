@@ -44,7 +44,12 @@ def read_header(path: Path) -> ImageHeader:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except (OSError, Image.DecompressionBombError, SyntaxError) as error:
+    except Image.DecompressionBombError:
+        raise InitImageError(
+            f"{path} is over the limit of {MAX_INIT_PIXELS:,} pixels (a decompression bomb?); "
+            "downscale it first"
+        ) from None
+    except (OSError, SyntaxError) as error:
         raise InitImageError(f"{path} is not an image Pillow can read ({error})") from error
     if width * height > MAX_INIT_PIXELS:
         raise InitImageError(

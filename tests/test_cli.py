@@ -72,8 +72,10 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
     rows = manifest(run_dir)
     assert [row["status"] for row in rows] == ["done"] * 4
     assert [(row["prompt"], row["strength"], row["steps_taken"]) for row in rows] == [
-        ("fire", "0.0", "0"), ("fire", "0.5", "2"),
-        ("cheery open fire, photograph", "0.0", "0"), ("cheery open fire, photograph", "0.5", "2"),
+        ("fire", "0.0", "0"),
+        ("fire", "0.5", "2"),
+        ("cheery open fire, photograph", "0.0", "0"),
+        ("cheery open fire, photograph", "0.5", "2"),
     ]
     for row in rows:
         image = run_dir / row["path"]
@@ -84,7 +86,8 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
             assert json.loads(png.text["batchgen"])["id"] == row["id"]
     lock = yaml.safe_load((run_dir / "recipe.lock.yaml").read_text())
     assert lock["strength"] == [0.0, 0.5] and lock["init_images"][0]["path"] == (
-        "pictures/gradient.png")
+        "pictures/gradient.png"
+    )
     log = (run_dir / "run.log").read_text()
     assert "[4/4] job 4" in log and "4 made, 0 failed" in log
     assert "[1/4] job 1 images/0001-gradient-fire-f0.00-s4-S7.png" in output  # not a TTY: lines
@@ -198,8 +201,9 @@ def test_validate_does_not_import_torch(recipe: Path) -> None:
         "    assert exit.code in (0, None), exit.code\n"
         "print('torch' in sys.modules, 'diffusers' in sys.modules)"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            cwd=ROOT, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert result.stdout.strip().splitlines()[-1] == "False False"
 
 
@@ -207,11 +211,13 @@ def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Pat
     (tmp_path / "pictures").mkdir()
     gradient(tmp_path / "pictures" / "gradient.png")
     recipe = tmp_path / "many.yaml"
-    recipe.write_text(RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 10}")
-                      .replace("[0.0, 0.5]", "0.75"))
+    recipe.write_text(
+        RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 10}").replace("[0.0, 0.5]", "0.75")
+    )
     command = [sys.executable, "-m", "batchgen", "run", str(recipe), "-o", str(tmp_path / "o")]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("[1/20]"):

@@ -26,8 +26,14 @@ def jobs(folder: Path, text: str, name: str = "recipe.yaml", dtype: str = "float
 def test_order_is_the_nested_order_of_the_axes_as_written(tmp_path: Path) -> None:
     order = [(j.prompt, j.strength, j.seed) for j in jobs(tmp_path, BASE)]
     assert order == [
-        ("fire", 0.4, 1), ("fire", 0.4, 2), ("fire", 0.7, 1), ("fire", 0.7, 2),
-        ("water", 0.4, 1), ("water", 0.4, 2), ("water", 0.7, 1), ("water", 0.7, 2),
+        ("fire", 0.4, 1),
+        ("fire", 0.4, 2),
+        ("fire", 0.7, 1),
+        ("fire", 0.7, 2),
+        ("water", 0.4, 1),
+        ("water", 0.4, 2),
+        ("water", 0.7, 1),
+        ("water", 0.7, 2),
     ]
     assert [j.index for j in jobs(tmp_path, BASE)] == list(range(1, 9))
 
@@ -54,13 +60,16 @@ def test_ids_do_not_depend_on_the_output_folder(tmp_path: Path) -> None:
     assert [j.id for j in jobs(tmp_path, BASE)] == [j.id for j in jobs(tmp_path, moved, "o.yaml")]
 
 
-@pytest.mark.parametrize("change", [
-    "negative_prompt: blurry\n",
-    "cfg: 9\n",
-    "scheduler: ddim\n",
-    "width: 32\nheight: 32\n",
-    "model: ../tiny-copy\n",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "negative_prompt: blurry\n",
+        "cfg: 9\n",
+        "scheduler: ddim\n",
+        "width: 32\nheight: 32\n",
+        "model: ../tiny-copy\n",
+    ],
+)
 def test_any_pixel_determining_change_gives_new_ids(tmp_path: Path, change: str) -> None:
     if "tiny-copy" in change:
         import shutil
@@ -96,10 +105,13 @@ def test_exclude_drops_matching_combinations(tmp_path: Path) -> None:
 
 
 def test_include_extends_matching_combinations_and_adds_new_ones(tmp_path: Path) -> None:
-    text = BASE + """include:
+    text = (
+        BASE
+        + """include:
   - {strength: 0.7, cfg: 12}
   - {prompt: smoke, strength: 0.5, seed: 3}
 """
+    )
     found = jobs(tmp_path, text)
     assert len(found) == 9
     assert {j.cfg for j in found if j.strength == 0.7} == {12.0}
@@ -116,10 +128,13 @@ def test_a_duplicate_combination_is_one_job(tmp_path: Path) -> None:
 def test_steps_taken_in_nominal_and_effective_mode(tmp_path: Path) -> None:
     nominal = jobs(tmp_path, BASE)
     assert {(j.strength, j.steps_taken) for j in nominal} == {(0.4, 4), (0.7, 7)}
-    effective = jobs(tmp_path, BASE.replace("steps: 10", "steps: 20") +
-                     "steps_mode: effective\n", "e.yaml")
+    effective = jobs(
+        tmp_path, BASE.replace("steps: 10", "steps: 20") + "steps_mode: effective\n", "e.yaml"
+    )
     assert {(j.strength, j.steps_nominal, j.steps_taken) for j in effective} == {
-        (0.4, 50, 20), (0.7, 29, 20)}
+        (0.4, 50, 20),
+        (0.7, 29, 20),
+    }
 
 
 def test_strength_zero_takes_no_steps_and_is_valid(tmp_path: Path) -> None:
@@ -129,8 +144,9 @@ def test_strength_zero_takes_no_steps_and_is_valid(tmp_path: Path) -> None:
 
 
 def test_a_matrix_over_the_job_limit_is_refused_before_expanding(tmp_path: Path) -> None:
-    recipe = load_recipe(write(tmp_path, BASE.replace("seeds: [1, 2]",
-                                                      "seeds: {start: 0, count: 1000000000}")))
+    recipe = load_recipe(
+        write(tmp_path, BASE.replace("seeds: [1, 2]", "seeds: {start: 0, count: 1000000000}"))
+    )
     problems = check(recipe, max_jobs=1000)
     assert len(problems) == 1 and "--max-jobs" in str(problems[0])
 
@@ -139,8 +155,10 @@ def test_sizes_follow_the_init_image_fit_and_width(tmp_path: Path) -> None:
     wide = "init_images: pictures/blue-wide.png\nprompts: x\nseeds: 1\n"  # 96x64
     assert {(j.width, j.height) for j in jobs(tmp_path, wide)} == {(96, 64)}
     assert {(j.width, j.height) for j in jobs(tmp_path, wide + "width: 48\n", "w.yaml")} == {
-        (48, 32)}
+        (48, 32)
+    }
     boxed = wide + "width: 48\nheight: 48\n"
     assert {(j.width, j.height) for j in jobs(tmp_path, boxed, "s.yaml")} == {(48, 48)}
     assert {(j.width, j.height) for j in jobs(tmp_path, boxed + "fit: true\n", "f.yaml")} == {
-        (48, 32)}
+        (48, 32)
+    }
