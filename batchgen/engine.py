@@ -116,6 +116,16 @@ class Engine:
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
         self.load_seconds = time.perf_counter() - started
 
+    @property
+    def device_label(self) -> str:
+        """The device as the manifest records it: CPU results change in the last bits with
+        torch's thread count, GPU results with the GPU model."""
+        if self.device == "cpu":
+            return f"cpu ({torch.get_num_threads()} threads)"
+        if self.device.startswith("cuda"):
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return self.device
+
     def render(self, job: Job, init: PreparedImage) -> PIL.Image.Image:
         """The job's image, pixel for pixel what diffusers' img2img pipeline makes of it."""
         if job.steps_taken == 0:

@@ -110,9 +110,7 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
             )
 
 
-def _make_image(
-    engine: Engine, recipe: Recipe, job: Job, relative_path: Path, device: str
-) -> ManifestRow:
+def _make_image(engine: Engine, recipe: Recipe, job: Job, relative_path: Path) -> ManifestRow:
     started = time.perf_counter()
     status: RowStatus
     try:
@@ -128,7 +126,7 @@ def _make_image(
         status=status,
         path=relative_path.as_posix() if status == "done" else "",
         model_hash=recipe.model.short_hash,
-        device=device,
+        device=engine.device_label,
         seconds=round(time.perf_counter() - started, 3),
         sha256=sha256,
         error=error,
@@ -190,7 +188,8 @@ def run(
         engine = engine_module.Engine(recipe.model.path, device, dtype)
         reporter.message(
             f"{recipe.name}: {len(jobs)} to do, {len(plan.jobs) - len(jobs)} already done; "
-            f"model {recipe.model.name} loaded in {engine.load_seconds:.1f}s on {device} "
+            f"model {recipe.model.name} loaded in {engine.load_seconds:.1f}s on "
+            f"{engine.device_label} "
             f"({dtype})"
         )
         reporter.start(len(jobs))
@@ -200,7 +199,7 @@ def run(
                     if stop.signal is not None:
                         break
                     relative_path = Path("images") / image_filename(job, index_width)
-                    row = _make_image(engine, recipe, job, relative_path, device)
+                    row = _make_image(engine, recipe, job, relative_path)
                     manifest.append(row)
                     reporter.job_finished(_describe(job, row), row.status == "done")
                     made += row.status == "done"

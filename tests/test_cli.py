@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -71,6 +72,7 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
     run_dir = recipe.parent / "out"
     rows = manifest(run_dir)
     assert [row["status"] for row in rows] == ["done"] * 4
+    assert {row["device"] for row in rows} == {f"cpu ({torch.get_num_threads()} threads)"}
     assert [(row["prompt"], row["strength"], row["steps_taken"]) for row in rows] == [
         ("fire", "0.0", "0"),
         ("fire", "0.5", "2"),
