@@ -13,6 +13,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -86,16 +87,17 @@ class RichReporter:
             console=self.console,
             transient=False,
         )
-        self.task = self.progress.add_task("run", total=None)
+        self.task: TaskID | None = None
 
     def start(self, total: int) -> None:
-        self.progress.update(self.task, total=total)
+        self.task = self.progress.add_task("run", total=total)  # the clock starts here
         self.progress.start()
 
     def job_finished(self, line: str, ok: bool) -> None:
         self.log.line(line)
         self.progress.console.print(Text(line, style="" if ok else "red"), highlight=False)
-        self.progress.advance(self.task)
+        if self.task is not None:
+            self.progress.advance(self.task)
 
     def message(self, line: str) -> None:
         self.log.line(line)
