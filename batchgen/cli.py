@@ -60,6 +60,13 @@ dtype_option = click.option(
 )
 
 
+def recipe_with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """RECIPE and the options that decide what a run of it would do (`run` and `plan`)."""
+    for decorate in (max_jobs_option, output_option, dtype_option, device_option):
+        command = decorate(command)
+    return recipe_argument(command)
+
+
 class BadInput(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
@@ -96,11 +103,7 @@ def main() -> None:
 
 
 @main.command()
-@recipe_argument
-@device_option
-@dtype_option
-@output_option
-@max_jobs_option
+@recipe_with_run_options
 @click.option("--fail-fast", is_flag=True, help="Stop at the first job that fails.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary.")
 def run(
@@ -140,11 +143,7 @@ def run(
 
 
 @main.command()
-@recipe_argument
-@device_option
-@dtype_option
-@output_option
-@max_jobs_option
+@recipe_with_run_options
 @click.option("--all", "show_all", is_flag=True, help="List every job, not the first 50.")
 def plan(
     recipe: Path, device: str, dtype: str, output: Path | None, max_jobs: int, show_all: bool
