@@ -82,6 +82,7 @@ class Recipe:
         return {
             "batchgen_version": __version__,
             "name": self.name,
+            "recipe": str(self.path.resolve()),  # init image labels are relative to its folder
             "model": {"reference": self.model.reference, "identity": self.model.identity},
             "init_images": [
                 {"path": image.label, "sha256": image.sha256} for image in self.axes["init_image"]
