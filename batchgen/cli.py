@@ -23,6 +23,7 @@ from batchgen.plan import Plan, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import recipe_json_schema
+from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.store import ManifestError
 
 EXIT_BAD_INPUT = 2
@@ -60,9 +61,25 @@ dtype_option = click.option(
 )
 
 
+def _shard(context: click.Context, parameter: click.Parameter, value: str | None) -> Shard | None:
+    try:
+        return parse_shard(value) if value else None
+    except ShardError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+shard_option = click.option(
+    "--shard",
+    callback=_shard,
+    metavar="K/N",
+    help="Do only the K-th of N deterministic, cost-balanced slices of the jobs. Default: "
+    "from accelerate/torchrun (RANK, WORLD_SIZE) or a Slurm array (SLURM_ARRAY_TASK_*).",
+)
+
+
 def recipe_with_run_options(command: Callable[..., None]) -> Callable[..., None]:
     """RECIPE and the options that decide what a run of it would do (`run` and `plan`)."""
-    for decorate in (max_jobs_option, output_option, dtype_option, device_option):
+    for decorate in (shard_option, max_jobs_option, output_option, dtype_option, device_option):
         command = decorate(command)
     return recipe_argument(command)
 
@@ -112,6 +129,7 @@ def run(
     dtype: str,
     output: Path | None,
     max_jobs: int,
+    shard: Shard | None,
     fail_fast: bool,
     quiet: bool,
 ) -> None:
@@ -121,6 +139,8 @@ def run(
     Example:
       batchgen run recipes/example.yaml
       batchgen run sweep.yaml --device cuda:1 --output /data/sweeps/fire
+      batchgen run sweep.yaml --shard 2/4          # the second of four slices
+      accelerate launch --num_processes 4 -m batchgen run sweep.yaml
     """
     from batchgen.runner import BadInputError
     from batchgen.runner import run as run_recipe
@@ -134,6 +154,7 @@ def run(
             max_jobs=max_jobs,
             fail_fast=fail_fast,
             quiet=quiet,
+            shard=shard,
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None
@@ -146,18 +167,25 @@ def run(
 @recipe_with_run_options
 @click.option("--all", "show_all", is_flag=True, help="List every job, not the first 50.")
 def plan(
-    recipe: Path, device: str, dtype: str, output: Path | None, max_jobs: int, show_all: bool
+    recipe: Path,
+    device: str,
+    dtype: str,
+    output: Path | None,
+    max_jobs: int,
+    shard: Shard | None,
+    show_all: bool,
 ) -> None:
     """Show RECIPE's jobs, what is done and what a run would do. Loads no model.
 
     \b
     Example:
       batchgen plan recipes/example.yaml
+      batchgen plan sweep.yaml --shard 1/4    # which jobs the first of four shards runs
     """
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype, guess_device(device))
     try:
-        the_plan = make_plan(checked, resolved_dtype)
+        the_plan = make_plan(checked, resolved_dtype, shard)
     except ManifestError as error:
         raise BadInput(str(error)) from None
     _print_plan(the_plan, show_all)
@@ -200,25 +228,33 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
         )
     table.add_column("taken", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
+    if the_plan.shard:
+        table.add_column("shard", no_wrap=True)
     shown = the_plan.jobs if show_all else the_plan.jobs[:50]
     styles = {"done": "green", "failed": "red", "todo": ""}
     for number, planned in enumerate(shown):
         job = planned.job
+        shard_cell = ("this" if planned.mine else "other",) if the_plan.shard else ()
         table.add_row(
             str(job.index),
             job.id[:8],
             *(texts[name][number] for name in varying),
             str(job.steps_taken),
             planned.status,
-            style=styles[planned.status],
+            *shard_cell,
+            style=styles[planned.status] if planned.mine else "dim",
         )
     console.print(table)
     if len(shown) < len(the_plan.jobs):
         console.print(f"… {len(the_plan.jobs) - len(shown)} more (--all lists them)")
-    console.print(
+    summary = (
         f"{len(the_plan.jobs)} jobs: {the_plan.count('done')} done, "
-        f"{the_plan.count('failed')} failed, {the_plan.count('todo')} to do; "
-        f"{the_plan.steps_to_run} denoising steps to run "
+        f"{the_plan.count('failed')} failed, {the_plan.count('todo')} to do"
+    )
+    if the_plan.shard:
+        summary += f"; shard {the_plan.shard} runs {len(the_plan.to_run)} of them"
+    console.print(
+        f"{summary}; {the_plan.steps_to_run} denoising steps to run "
         f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps)"
     )
 

@@ -13,6 +13,7 @@ from typing import Literal
 from batchgen.job import Job
 from batchgen.matrix import expand
 from batchgen.recipe import Recipe
+from batchgen.shard import Shard, assign
 from batchgen.store import Manifest, ManifestRow
 
 JobStatus = Literal["done", "failed", "todo"]
@@ -23,6 +24,7 @@ class PlannedJob:
     job: Job
     status: JobStatus
     row: ManifestRow | None  # the manifest's latest row for this job, if any
+    mine: bool = True  # in this process's shard (always, when not sharded)
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,20 @@ class Plan:
     recipe: Recipe
     dtype: str
     jobs: tuple[PlannedJob, ...]
+    shard: Shard | None = None
 
     def count(self, status: JobStatus) -> int:
         return sum(1 for planned in self.jobs if planned.status == status)
 
     @property
+    def done_here(self) -> int:
+        """Jobs of this shard (of the whole matrix, when not sharded) already done."""
+        return sum(1 for p in self.jobs if p.status == "done" and p.mine)
+
+    @property
     def to_run(self) -> list[Job]:
-        return [planned.job for planned in self.jobs if planned.status != "done"]
+        """This shard's jobs that are not done, in job order."""
+        return [p.job for p in self.jobs if p.status != "done" and p.mine]
 
     @property
     def steps_to_run(self) -> int:
@@ -52,11 +61,12 @@ def _is_done(run_dir: Path, row: ManifestRow | None) -> bool:
     return row is not None and row.status == "done" and (run_dir / row.path).is_file()
 
 
-def make_plan(recipe: Recipe, dtype: str) -> Plan:
-    manifest = Manifest(recipe.output)
-    latest = manifest.latest() if manifest.path.exists() else {}
+def make_plan(recipe: Recipe, dtype: str, shard: Shard | None = None) -> Plan:
+    latest = Manifest(recipe.output).latest()
+    jobs = list(expand(recipe, dtype))
+    owners = assign(jobs, shard.count) if shard else [0] * len(jobs)
     planned = []
-    for job in expand(recipe, dtype):
+    for job, owner in zip(jobs, owners, strict=True):
         row = latest.get(job.id)
         if _is_done(recipe.output, row):
             status: JobStatus = "done"
@@ -64,5 +74,5 @@ def make_plan(recipe: Recipe, dtype: str) -> Plan:
             status = "failed"
         else:
             status = "todo"
-        planned.append(PlannedJob(job, status, row))
-    return Plan(recipe, dtype, tuple(planned))
+        planned.append(PlannedJob(job, status, row, shard is None or owner == shard.index))
+    return Plan(recipe, dtype, tuple(planned), shard)

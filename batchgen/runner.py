@@ -26,7 +26,9 @@ from batchgen.plan import make_plan
 from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
 from batchgen.recipe import Recipe, load_recipe
+from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
+    RUN_LOG_NAME,
     Manifest,
     ManifestError,
     ManifestRow,
@@ -149,6 +151,7 @@ def run(
     max_jobs: int = DEFAULT_MAX_JOBS,
     fail_fast: bool = False,
     quiet: bool = False,
+    shard: Shard | None = None,
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet. Raises RecipeError or
     BadInputError on bad input, before any model is loaded."""
@@ -161,33 +164,36 @@ def run(
     from batchgen import engine as engine_module  # torch loads here, after validation
 
     try:
-        device = engine_module.resolve_device(device)
+        device = launcher_device(engine_module.resolve_device(device))
         dtype = engine_module.resolve_dtype(dtype, device)
+        shard = shard or shard_from_environment()
     except ValueError as error:
         raise BadInputError(str(error)) from None
     try:
-        plan = make_plan(recipe, dtype)
+        plan = make_plan(recipe, dtype, shard)
     except ManifestError as error:
         raise BadInputError(str(error)) from None
     jobs = plan.to_run
     recipe.output.mkdir(parents=True, exist_ok=True)
     write_lock_file(recipe.output, recipe.locked())
-    manifest = Manifest(recipe.output)
+    manifest = Manifest(recipe.output, shard.ledger_name if shard else None)
     index_width = max(4, len(str(len(plan.jobs))))
     made = failed = 0
-    with RunLog(recipe.output) as log:
+    log_name = f"run-{shard.ledger_name.removesuffix('.csv')}.log" if shard else RUN_LOG_NAME
+    with RunLog(recipe.output, log_name) as log:
         reporter = make_reporter(log, quiet)
         for warning in recipe.warnings:
             reporter.message(f"warning: {warning}")
         if not jobs:
             reporter.message(
-                f"nothing to do: all {len(plan.jobs)} jobs are done in {recipe.output}"
+                f"nothing to do: all {plan.done_here} jobs are done in {recipe.output}"
             )
-            return RunResult(recipe.output, 0, 0, len(plan.jobs), None, 0.0)
+            return RunResult(recipe.output, 0, 0, plan.done_here, None, 0.0)
         _warn_small_images(jobs, reporter)
         engine = engine_module.Engine(recipe.model.path, device, dtype)
         reporter.message(
-            f"{recipe.name}: {len(jobs)} to do, {len(plan.jobs) - len(jobs)} already done; "
+            f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(jobs)} to do, "
+            f"{plan.done_here} already done; "
             f"model {recipe.model.name} loaded in {engine.load_seconds:.1f}s on "
             f"{engine.device_label} "
             f"({dtype})"
@@ -213,7 +219,7 @@ def run(
             recipe.output,
             made,
             failed,
-            len(plan.jobs) - len(jobs),
+            plan.done_here,
             stop.signal,
             time.perf_counter() - started,
         )

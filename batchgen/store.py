@@ -31,6 +31,7 @@ from batchgen.job import Job
 from batchgen.schedulers import scheduler_spec
 
 MANIFEST_NAME = "manifest.csv"
+SHARD_LEDGER_DIR = "manifests"  # per-shard ledgers of sharded runs
 LOCK_FILE_NAME = "recipe.lock.yaml"
 RUN_LOG_NAME = "run.log"
 
@@ -303,13 +304,12 @@ def _closing_for_torn_row(data: bytes) -> bytes:
     return b""
 
 
-class Manifest:
-    """manifest.csv in a run folder: one row per finished job, appended and fsynced row by
-    row, never rewritten. A job failed then redone has two rows; the latest wins."""
+class Ledger:
+    """One manifest CSV file: one row per finished job, appended and fsynced row by row,
+    never rewritten. A job failed then redone has two rows; the latest wins."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.path = run_dir / MANIFEST_NAME
+    def __init__(self, path: Path) -> None:
+        self.path = path
         # The file's size after our last append: while it has not changed, the file ends
         # between rows and need not be read again.
         self._size_after_append: int | None = None
@@ -320,7 +320,7 @@ class Manifest:
             [_format_value(getattr(row, column)) for column in MANIFEST_COLUMNS]
         )
         record = buffer.getvalue().encode("utf-8")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as file:
             if file.seek(0, os.SEEK_END) == self._size_after_append:
                 prefix = b""
@@ -372,10 +372,6 @@ class Manifest:
             if len(record) == len(MANIFEST_COLUMNS)
         ]
 
-    def latest(self) -> dict[str, ManifestRow]:
-        """Job id → the last row written for it."""
-        return {row.id: row for row in self.rows()}
-
     def _check_header(self, header: list[str]) -> None:
         if header == list(MANIFEST_COLUMNS):
             return
@@ -403,6 +399,41 @@ class Manifest:
         return ManifestRow(**values)  # type: ignore[arg-type]
 
 
+class Manifest:
+    """A run folder's ledgers read as one: `manifest.csv` and, from sharded runs, the
+    per-shard `manifests/shard-K-of-N.csv`. Appends go to this process's own ledger only, so
+    shards on several machines never write the same file."""
+
+    def __init__(self, run_dir: Path, ledger_name: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.ledger = Ledger(
+            run_dir / SHARD_LEDGER_DIR / ledger_name if ledger_name else run_dir / MANIFEST_NAME
+        )
+        self.path = self.ledger.path
+
+    def append(self, row: ManifestRow) -> None:
+        self.ledger.append(row)
+
+    def ledgers(self) -> list[Ledger]:
+        shard_ledgers = sorted((self.run_dir / SHARD_LEDGER_DIR).glob("*.csv"))
+        paths = [self.run_dir / MANIFEST_NAME, *shard_ledgers]
+        return [self.ledger if path == self.path else Ledger(path) for path in paths]
+
+    def rows(self) -> list[ManifestRow]:
+        """Every complete row of every ledger, each ledger in file order."""
+        return [row for ledger in self.ledgers() for row in ledger.rows()]
+
+    def latest(self) -> dict[str, ManifestRow]:
+        """Job id → the last row written for it: the last in its ledger, and across ledgers
+        (a job retried later by another shard or run) the one that finished last."""
+        latest: dict[str, ManifestRow] = {}
+        for ledger in self.ledgers():
+            for row in {row.id: row for row in ledger.rows()}.values():
+                if row.id not in latest or row.finished_at >= latest[row.id].finished_at:
+                    latest[row.id] = row
+        return latest
+
+
 # ---------------------------------------------------------------------------------------------
 # run.log
 
@@ -410,9 +441,9 @@ class Manifest:
 class RunLog:
     """run.log in a run folder: the plain progress lines, timestamped, for reading later."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, name: str = RUN_LOG_NAME) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / RUN_LOG_NAME
+        self.path = run_dir / name
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
 
     def line(self, text: str) -> None:
