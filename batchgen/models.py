@@ -11,11 +11,11 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Literal
 
 import batchgen
+from batchgen.hashcache import folder_sha256
 
 # Set before huggingface_hub is imported (it reads this once): a model missing from the cache
 # must fail fast with our message, not stall a batch run on network timeouts.
@@ -88,7 +88,7 @@ def _resolve_builtin(reference: str) -> ModelSource:
             hint=None if known else "generate it with `make tiny-model`",
         )
     path = BUILTIN_DIR / name
-    digest = _model_files_sha256(path)
+    digest = folder_sha256(path)
     return ModelSource(
         reference=reference,
         kind="builtin",
@@ -97,20 +97,6 @@ def _resolve_builtin(reference: str) -> ModelSource:
         name=name,
         short_hash=digest[:10],
     )
-
-
-@cache
-def _model_files_sha256(folder: Path) -> str:
-    """One sha256 over every model file (weights, configs, tokenizer), by relative path.
-
-    Configs are included because they change pixels too (scheduler, tokenizer); the model
-    card is not. Cached: the builtin is a few MB and is resolved once per recipe and job.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
-        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _resolve_folder(reference: str, folder: Path) -> ModelSource:
@@ -126,7 +112,10 @@ def _resolve_folder(reference: str, folder: Path) -> ModelSource:
             hint="point `model:` at the folder that holds model_index.json "
             "(what `save_pretrained` or `hf download` writes)",
         )
-    return _source(reference, "folder", folder, identity=f"folder:{folder}", name=folder.name)
+    digest = folder_sha256(folder)  # the weights, not the path: a moved copy is the same model
+    return ModelSource(
+        reference, "folder", folder, f"folder:{digest[:16]}", folder.name, digest[:10]
+    )
 
 
 def _single_file_error(reference: str, base_dir: Path) -> ModelNotFoundError:
@@ -174,13 +163,8 @@ def _resolve_hub(repo_id: str, not_a_folder: Path) -> ModelSource:
             "so it is not a diffusers pipeline (or only part of it was downloaded)",
             hint=f"download the whole repo with `hf download {repo_id}`",
         )
-    # The snapshot folder is named after the commit the cached `main` points to.
+    # The snapshot folder is named after its commit, which fixes every file in it: no need
+    # to hash gigabytes. The short hash is of that identity.
     identity = f"hub:{repo_id}@{snapshot.name}"
-    return _source(repo_id, "hub", snapshot, identity=identity, name=repo_id)
-
-
-def _source(reference: str, kind: ModelKind, path: Path, identity: str, name: str) -> ModelSource:
-    """A folder or hub model; hashing many GB of weights is not worth it, so the short hash
-    is of the identity."""
     short_hash = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:10]
-    return ModelSource(reference, kind, path, identity, name, short_hash)
+    return ModelSource(repo_id, "hub", snapshot, identity, repo_id, short_hash)

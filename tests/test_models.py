@@ -57,9 +57,12 @@ def test_folder_relative_to_the_recipe_resolves(tmp_path: Path) -> None:
 
     assert source.kind == "folder"
     assert source.path == (tmp_path / "models" / "my-tiny").resolve()
-    assert source.identity == f"folder:{source.path}"
+    assert source.identity.startswith("folder:")
     assert source.name == "my-tiny"
     assert len(source.short_hash) == 10
+    # The identity is the weights', not the path's: a moved copy is the same model.
+    shutil.copytree(TINY_DIR, tmp_path / "elsewhere")
+    assert resolve_model(str(tmp_path / "elsewhere"), recipe_dir).identity == source.identity
 
 
 def test_existing_folder_without_dot_prefix_is_a_folder_not_a_hub_id(tmp_path: Path) -> None:
@@ -161,3 +164,27 @@ def test_importing_models_does_not_import_torch() -> None:
     )
 
     assert result.stdout.strip() == "False"
+
+
+def test_weights_are_hashed_once_until_they_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchgen import hashcache
+
+    monkeypatch.setenv("BATCHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_DIR, folder)
+    hashed: list[Path] = []
+    real_hash = hashcache._hash
+    monkeypatch.setattr(hashcache, "_hash", lambda path: hashed.append(path) or real_hash(path))
+
+    first = resolve_model(str(folder), tmp_path).identity
+    count = len(hashed)
+    assert count > 0 and resolve_model(str(folder), tmp_path).identity == first
+    assert len(hashed) == count  # served from the cache
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other content
+    assert resolve_model(str(folder), tmp_path).identity != first
+    assert hashed[count:] == [weights]
