@@ -19,10 +19,12 @@ from batchgen import __version__
 from batchgen.devices import DTYPES, default_dtype, guess_device
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
+from batchgen.models import hub_cache_dir, list_models
 from batchgen.plan import Plan, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import recipe_json_schema
+from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.store import ManifestError
 
@@ -303,3 +305,49 @@ def schema() -> None:
       batchgen schema > batchgen-recipe.schema.json
     """
     click.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+@main.command()
+def schedulers() -> None:
+    """List the scheduler (sampler) names a recipe's `scheduler:` takes.
+
+    \b
+    Example:
+      batchgen schedulers
+    """
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("name", "diffusers class", "AUTOMATIC1111 name"):
+        table.add_column(column)
+    for name, spec in INVOKEAI_SCHEDULERS.items():
+        table.add_row(name, spec.class_name, spec.a1111_name)
+    named = {spec.class_name for spec in INVOKEAI_SCHEDULERS.values()}
+    for name, spec in DIFFUSERS_SCHEDULERS.items():
+        if name not in named:
+            table.add_row(name, spec.class_name, spec.a1111_name)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    console.print(
+        "Every diffusers class above can also be named directly, e.g. `scheduler: "
+        "LMSDiscreteScheduler`; it is the same job as `k_lms`."
+    )
+
+
+@main.command()
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+def models(folders: tuple[Path, ...]) -> None:
+    """List what a recipe's `model:` can name here: the builtins, diffusers pipelines in the
+    local Hugging Face cache, and pipelines in FOLDERS (or one level below). Nothing is
+    downloaded, ever.
+
+    \b
+    Example:
+      batchgen models ~/models
+    """
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("model:", "kind", "path"):
+        table.add_column(column, overflow="fold")
+    for listing in list_models(list(folders)):
+        table.add_row(listing.reference, listing.kind, str(listing.path))
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    console.print(f"hub cache searched: {hub_cache_dir()}")

@@ -168,3 +168,28 @@ def _resolve_hub(repo_id: str, not_a_folder: Path) -> ModelSource:
     identity = f"hub:{repo_id}@{snapshot.name}"
     short_hash = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:10]
     return ModelSource(repo_id, "hub", snapshot, identity, repo_id, short_hash)
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    reference: str  # what `model:` takes
+    kind: ModelKind
+    path: Path
+
+
+def list_models(folders: list[Path]) -> list[ModelListing]:
+    """What `model:` can name on this machine: the builtins, diffusers pipelines in the local
+    hub cache, and pipelines in (or one level below) the given folders."""
+    found = [
+        ModelListing(BUILTIN_PREFIX + name, "builtin", BUILTIN_DIR / name)
+        for name in builtin_names()
+    ]
+    for repo in sorted(hub_cache_dir().glob("models--*")):
+        snapshots = sorted(repo.glob(f"snapshots/*/{PIPELINE_INDEX}"))
+        if snapshots:
+            repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
+            found.append(ModelListing(repo_id, "hub", snapshots[-1].parent))
+    for folder in folders:
+        for index in sorted([*folder.glob(PIPELINE_INDEX), *folder.glob(f"*/{PIPELINE_INDEX}")]):
+            found.append(ModelListing(str(index.parent), "folder", index.parent))
+    return found

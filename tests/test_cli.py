@@ -61,7 +61,7 @@ def manifest(run_dir: Path) -> list[dict[str, str]]:
 
 def test_version_and_help_with_examples() -> None:
     assert invoke("--version") == (0, f"batchgen, version {__version__}\n")
-    for command in ("run", "plan", "validate", "schema"):
+    for command in ("run", "plan", "validate", "schema", "models", "schedulers"):
         code, output = invoke(command, "--help")
         assert code == 0 and "Example:" in output
 
@@ -243,3 +243,11 @@ def test_run_is_importable_as_a_library(recipe: Path) -> None:
 
     result = batchgen.run(recipe, quiet=True)
     assert (result.made, result.failed, result.exit_code) == (4, 0, 0)
+
+
+def test_schedulers_and_models_list_what_a_recipe_can_name() -> None:
+    code, output = invoke("schedulers")
+    assert code == 0 and "k_lms" in output and "LMSDiscreteScheduler" in output
+    assert "UniPCMultistepScheduler" in output
+    code, output = invoke("models")
+    assert code == 0 and "builtin:tiny" in output and "hub cache searched" in output
