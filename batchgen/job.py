@@ -81,7 +81,7 @@ class Job:
         """Everything that determines the image, in canonical form."""
         return {
             "model": self.model,
-            "scheduler": scheduler_spec(self.scheduler).class_name,
+            "scheduler": scheduler_spec(self.scheduler).canonical,
             "init_image_sha256": self.init_image.sha256,
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,

@@ -32,6 +32,7 @@ from batchgen.recipe_file import (
     GridSpec,
     Range,
     RecipeFile,
+    SchedulerChoice,
     SeedRange,
     validate_shape,
 )
@@ -343,17 +344,20 @@ class _Resolver:
         return tuple(dict.fromkeys(values))
 
     def _schedulers(self) -> tuple[str, ...]:
-        names = self.shape.scheduler
-        listed = [names] if isinstance(names, str) else names
-        for index, name in enumerate(listed):
+        choices = self.shape.scheduler
+        listed = choices if isinstance(choices, list) else [choices]
+        names = [c.as_name() if isinstance(c, SchedulerChoice) else c for c in listed]
+        for index, name in enumerate(names):
             try:
                 scheduler_spec(name)
             except UnknownSchedulerError as error:
-                where: PathKey = ("scheduler",) if isinstance(names, str) else ("scheduler", index)
+                where: PathKey = (
+                    ("scheduler", index) if isinstance(choices, list) else ("scheduler",)
+                )
                 self.fail(where, str(error), error.hint)
-        if not listed:
+        if not names:
             self.fail(("scheduler",), "is empty", "e.g. `scheduler: k_lms`")
-        return tuple(dict.fromkeys(listed))
+        return tuple(dict.fromkeys(names))
 
     def _matrix_entries(
         self, key: str, axes: dict[str, tuple[Any, ...]]

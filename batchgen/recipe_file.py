@@ -15,8 +15,10 @@ from pydantic import (
     StrictInt,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    field_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from batchgen.problems import PathKey, Problem, YamlDocument, did_you_mean
 
@@ -49,12 +51,78 @@ class Variations(_Strict):
     mode: Literal["noise", "feedback"] = "noise"
 
 
+# The sweep axes a grid can lay out, by the names of their manifest columns. (Variations are
+# not made by this version, so `variation` is not one yet.)
 AxisName = Literal["init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
 
 
 class GridSpec(_Strict):
+    """A comparison grid, as in AUTOMATIC1111's X/Y/Z plot: `x` across, `y` down, one sub-grid
+    per `z` value; one grid per combination of the other swept axes that `where` leaves open."""
+
     x: AxisName
     y: AxisName | None = None
+    z: AxisName | None = None
+    where: dict[AxisName, StrictInt | float | str | list[StrictInt | float | str]] = Field(
+        default_factory=dict,
+        description="Only the jobs with these values, e.g. {seed: 1592514025} or {strength: [0.4]}",
+    )
+    cell: StrictInt | None = Field(
+        default=None, ge=16, le=4096, description="Longest side of a cell in px; default: ≤ 256"
+    )
+    margin: StrictInt = Field(default=4, ge=0, le=256, description="Gap between cells in px")
+    show_init: StrictBool = Field(
+        default=False, description="A first column (a first row when x is init_image) of inits"
+    )
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="File name in grids/ without .png; default from the axes: strength-x-prompt",
+    )
+
+    @field_validator("y", "z")
+    @classmethod
+    def _axes_differ(cls, axis: str | None, info: ValidationInfo) -> str | None:
+        taken = [info.data.get(other) for other in ("x", "y") if other != info.field_name]
+        if axis is not None and axis in taken:
+            raise PydanticCustomError(
+                "grid_axes", "`{axis}` is already another axis of this grid", {"axis": axis}
+            )
+        return axis
+
+    @field_validator("where")
+    @classmethod
+    def _values_fit_their_axes(
+        cls, where: dict[str, int | float | str | list[int | float | str]]
+    ) -> dict[str, list[int | float | str]]:
+        """Each axis's values as a list of the axis's type, so that `--where seed=7` from the
+        command line means what `where: {seed: 7}` means in a recipe."""
+        kinds: dict[str, type] = {"steps": int, "seed": int, "strength": float, "cfg": float}
+        normal: dict[str, list[int | float | str]] = {}
+        for axis, given in where.items():
+            values = given if isinstance(given, list) else [given]
+            kind = kinds.get(axis, str)
+            if not values:
+                raise PydanticCustomError(
+                    "grid_where", "`{axis}: []` matches nothing", {"axis": axis}
+                )
+            fractions = kind is int and any(
+                isinstance(value, float) and not value.is_integer() for value in values
+            )
+            try:
+                converted = [kind(value) for value in values]
+            except ValueError:
+                converted = []
+            if fractions or not converted:
+                wanted = "whole numbers" if kind is int else "numbers"
+                raise PydanticCustomError(
+                    "grid_where",
+                    "{axis} values are {wanted}, got {values}",
+                    {"axis": axis, "wanted": wanted, "values": str(values)},
+                )
+            normal[axis] = converted
+        return normal
 
 
 Strength = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -62,6 +130,19 @@ Steps = Annotated[StrictInt, Field(ge=1)]
 Cfg = Annotated[float, Field(ge=0.0)]
 Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 Size = Annotated[StrictInt, Field(ge=8, multiple_of=8)]
+
+
+class SchedulerChoice(_Strict):
+    """`{name: k_dpmpp_2, karras: true}`: a scheduler with options, the same as the name
+    `k_dpmpp_2:karras`."""
+
+    name: str
+    karras: StrictBool = False
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = None
+
+    def as_name(self) -> str:
+        options = [*(["karras"] if self.karras else []), *filter(None, [self.timestep_spacing])]
+        return f"{self.name}:{','.join(options)}" if options else self.name
 
 
 class RecipeFile(_Strict):
@@ -74,7 +155,7 @@ class RecipeFile(_Strict):
         default="builtin:tiny",
         description="builtin:tiny, a diffusers folder, or a hub id in the local cache",
     )
-    scheduler: str | list[str] = Field(
+    scheduler: str | SchedulerChoice | list[str | SchedulerChoice] = Field(
         default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"
     )
     init_images: str | list[str] = Field(

@@ -1,4 +1,8 @@
-"""Scheduler (sampler) names: InvokeAI's short names and diffusers class names.
+"""Scheduler (sampler) names: InvokeAI's short names and diffusers class names, with options.
+
+A scheduler is written `name` or `name:option,option`, e.g. `k_dpmpp_2:karras` (A1111's
+"DPM++ 2M" with "Schedule type: Karras") or `ddim:trailing`; recipes may also write the
+mapping `{name: k_dpmpp_2, karras: true}`, which means the same.
 
 Torch-free on purpose: `validate` and `plan` check names without importing diffusers. The
 engine turns a `SchedulerSpec` into a diffusers scheduler with `from_config`.
@@ -15,6 +19,17 @@ class SchedulerSpec:
     class_name: str  # the diffusers class
     a1111_name: str  # what AUTOMATIC1111 writes as "Sampler:" in the PNG text
     config: dict[str, object] = field(default_factory=dict)  # overrides on the model's config
+    options: tuple[str, ...] = ()  # the user's options, sorted: part of the job id
+    schedule_type: str = ""  # A1111's "Schedule type:" (Karras), empty for the default
+
+    @property
+    def canonical(self) -> str:
+        """The class and options, whatever name chose them: what the job id records."""
+        return (
+            ":".join((self.class_name, ",".join(self.options)))
+            if self.options
+            else (self.class_name)
+        )
 
 
 # InvokeAI's sampler names, as its CLI's -A option takes them.
@@ -49,8 +64,25 @@ DIFFUSERS_SCHEDULERS["PNDMScheduler"] = INVOKEAI_SCHEDULERS["plms"]
 SCHEDULER_NAMES: tuple[str, ...] = (*INVOKEAI_SCHEDULERS, *DIFFUSERS_SCHEDULERS)
 
 
+# Options a scheduler name may carry, and the config they set on the diffusers class.
+SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
+    "karras": {"use_karras_sigmas": True},
+    "leading": {"timestep_spacing": "leading"},
+    "linspace": {"timestep_spacing": "linspace"},
+    "trailing": {"timestep_spacing": "trailing"},
+}
+
+
 class UnknownSchedulerError(ValueError):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, option: str | None = None) -> None:
+        if option is not None:
+            close = difflib.get_close_matches(option, SCHEDULER_OPTIONS, n=1, cutoff=0.6)
+            self.hint = f"did you mean `{close[0]}`?" if close else None
+            super().__init__(
+                f"unknown scheduler option `{option}` in `{name}`; known: "
+                f"{', '.join(SCHEDULER_OPTIONS)}"
+            )
+            return
         close = difflib.get_close_matches(name, SCHEDULER_NAMES, n=1, cutoff=0.6)
         self.hint = f"did you mean `{close[0]}`?" if close else None
         super().__init__(
@@ -60,7 +92,16 @@ class UnknownSchedulerError(ValueError):
 
 
 def scheduler_spec(name: str) -> SchedulerSpec:
-    spec = INVOKEAI_SCHEDULERS.get(name) or DIFFUSERS_SCHEDULERS.get(name)
-    if spec is None:
-        raise UnknownSchedulerError(name)
-    return spec
+    """The scheduler a name (with its options, if any) stands for."""
+    base_name, _, option_text = name.partition(":")
+    base = INVOKEAI_SCHEDULERS.get(base_name) or DIFFUSERS_SCHEDULERS.get(base_name)
+    if base is None:
+        raise UnknownSchedulerError(base_name)
+    options = tuple(sorted({o.strip() for o in option_text.split(",") if o.strip()}))
+    config = dict(base.config)
+    for option in options:
+        if option not in SCHEDULER_OPTIONS:
+            raise UnknownSchedulerError(name, option)
+        config |= SCHEDULER_OPTIONS[option]
+    schedule_type = "Karras" if "karras" in options else ""
+    return SchedulerSpec(base.class_name, base.a1111_name, config, options, schedule_type)

@@ -76,7 +76,7 @@ def launcher_device(resolved: str, env: Mapping[str, str] = os.environ) -> str:
 
 def batch_key(job: Job) -> tuple[object, ...]:
     """What jobs must share to run in one batch of UNet calls."""
-    scheduler = scheduler_spec(job.scheduler).class_name
+    scheduler = scheduler_spec(job.scheduler).canonical
     return (scheduler, job.steps_nominal, job.strength, job.width, job.height, job.model)
 
 

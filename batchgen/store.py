@@ -127,9 +127,11 @@ def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
     only `steps × strength` of them). Empty model name/hash are left out, as A1111 leaves out
     settings it does not have.
     """
+    scheduler = scheduler_spec(job.scheduler)
     settings: dict[str, object] = {
         "Steps": job.steps_nominal,
-        "Sampler": scheduler_spec(job.scheduler).a1111_name,
+        "Sampler": scheduler.a1111_name,
+        "Schedule type": scheduler.schedule_type,
         "CFG scale": float(job.cfg),
         "Seed": int(job.seed),
         "Size": f"{job.width}x{job.height}",

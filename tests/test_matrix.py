@@ -162,3 +162,11 @@ def test_sizes_follow_the_init_image_fit_and_width(tmp_path: Path) -> None:
     assert {(j.width, j.height) for j in jobs(tmp_path, boxed + "fit: true\n", "f.yaml")} == {
         (48, 32)
     }
+
+
+def test_scheduler_options_are_written_either_way_and_change_the_id(tmp_path: Path) -> None:
+    short = jobs(tmp_path, BASE + "scheduler: k_dpmpp_2:karras\n", "a.yaml")
+    mapping = jobs(tmp_path, BASE + "scheduler: {name: k_dpmpp_2, karras: true}\n", "b.yaml")
+    plain = jobs(tmp_path, BASE + "scheduler: k_dpmpp_2\n", "c.yaml")
+    assert [j.id for j in short] == [j.id for j in mapping]
+    assert not {j.id for j in short} & {j.id for j in plain}

@@ -424,3 +424,10 @@ def test_store_imports_without_torch() -> None:
     code = "import sys, batchgen.store; assert 'torch' not in sys.modules, 'torch imported'"
 
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a1111_parameters_name_the_karras_schedule_type() -> None:
+    karras = dataclasses.replace(JOB, scheduler="k_dpmpp_2:karras")
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5" in a1111_parameters(
+        karras, "tiny", "0123456789"
+    )
