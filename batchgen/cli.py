@@ -57,9 +57,9 @@ device_option = click.option(
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(["auto", *DTYPES]),
-    default="auto",
-    show_default=True,
-    help="auto: float16 on CUDA, float32 elsewhere. Part of each job's id.",
+    default=None,
+    help="Overrides the recipe's `dtype` (default auto: float16 on CUDA, float32 elsewhere). "
+    "Part of each job's id.",
 )
 
 
@@ -128,7 +128,7 @@ def main() -> None:
 def run(
     recipe: Path,
     device: str,
-    dtype: str,
+    dtype: str | None,
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
@@ -171,7 +171,7 @@ def run(
 def plan(
     recipe: Path,
     device: str,
-    dtype: str,
+    dtype: str | None,
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
@@ -185,7 +185,7 @@ def plan(
       batchgen plan sweep.yaml --shard 1/4    # which jobs the first of four shards runs
     """
     checked = _checked_recipe(recipe, output, max_jobs)
-    resolved_dtype = default_dtype(dtype, guess_device(device))
+    resolved_dtype = default_dtype(dtype or checked.dtype, guess_device(device))
     try:
         the_plan = make_plan(checked, resolved_dtype, shard)
     except ManifestError as error:

@@ -148,10 +148,11 @@ class Engine:
         generator = torch.Generator("cpu").manual_seed(job.seed)
         do_classifier_free_guidance = job.cfg > 1
 
-        prompt_embeds = self.encode_prompt(job.prompt)
+        prompt_embeds = self.encode_prompt(job.prompt, job.clip_skip)
         if do_classifier_free_guidance:
             # Unconditional and conditional in one UNet batch, in the pipeline's order.
-            prompt_embeds = torch.cat([self.encode_prompt(job.negative_prompt), prompt_embeds])
+            negative_embeds = self.encode_prompt(job.negative_prompt, job.clip_skip)
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
 
         scheduler = self.make_scheduler(job.scheduler)
         timesteps = self.get_timesteps(scheduler, job.steps_nominal, job.strength)
@@ -176,9 +177,11 @@ class Engine:
 
         return self.decode(latents)
 
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """CLIP's last hidden state for the prompt, padded and truncated to the tokenizer's
-        length (77 for SD), 1 × tokens × width."""
+    def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
+        """CLIP's hidden state for the prompt, padded and truncated to the tokenizer's
+        length (77 for SD), 1 × tokens × width. `clip_skip` is A1111's: 1 takes the last
+        layer, 2 the one before it (diffusers' `clip_skip=1`), through the final layer norm
+        as diffusers does."""
         text_inputs = self.tokenizer(
             prompt,
             padding="max_length",
@@ -190,10 +193,27 @@ class Engine:
         attention_mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             attention_mask = text_inputs.attention_mask.to(self.device)
-        prompt_embeds = self.text_encoder(
-            text_inputs.input_ids.to(self.device), attention_mask=attention_mask
-        )[0]
+        input_ids = text_inputs.input_ids.to(self.device)
+        if clip_skip <= 1:
+            prompt_embeds = self.text_encoder(input_ids, attention_mask=attention_mask)[0]
+        else:
+            hidden_states = self.text_encoder(
+                input_ids, attention_mask=attention_mask, output_hidden_states=True
+            ).hidden_states
+            # hidden_states[-1] is the last layer's output; A1111's "Clip skip: N" takes the
+            # N-th from the end, then the final layer norm the last layer would have applied.
+            prompt_embeds = self._final_layer_norm(hidden_states[-clip_skip])
         return prompt_embeds.to(dtype=self.text_encoder.dtype, device=self.device)
+
+    def _final_layer_norm(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        # transformers 5's CLIPTextModel holds it directly; 4.x under `text_model`.
+        for name in ("final_layer_norm", "text_model.final_layer_norm"):
+            try:
+                layer_norm = self.text_encoder.get_submodule(name)
+            except AttributeError:
+                continue
+            return layer_norm(hidden_state)
+        raise ValueError(f"{type(self.text_encoder).__name__} has no final_layer_norm")
 
     def make_scheduler(self, name: str) -> Scheduler:
         """A fresh scheduler per job: schedulers keep state (step index, multistep history)."""

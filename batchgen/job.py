@@ -67,6 +67,8 @@ class Job:
     fit: bool  # how width×height was chosen; the size itself is what the id records
     model: str  # model identity (see models.resolve_model)
     dtype: str  # "float32", "float16" or "bfloat16"
+    clip_skip: int = 1  # A1111's convention: 1 uses CLIP's last layer, 2 the one before
+    vae: str = ""  # identity of a VAE that replaces the model's own; "" for the model's
     model_name: str = field(default="", compare=False)  # short display name, not in the id
 
     @property
@@ -92,6 +94,8 @@ class Job:
             "width": self.width,
             "height": self.height,
             "dtype": self.dtype,
+            "clip_skip": self.clip_skip,
+            "vae": self.vae,
         }
 
     @cached_property

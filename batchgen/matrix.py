@@ -93,6 +93,7 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         width=width,
         height=height,
         fit=recipe.fit,
+        clip_skip=recipe.clip_skip,
         model=recipe.model.identity,
         dtype=dtype,
         model_name=recipe.model.name,

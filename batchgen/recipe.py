@@ -60,6 +60,8 @@ class Recipe:
     model: ModelSource
     negative_prompt: str
     steps_mode: StepsMode
+    clip_skip: int
+    dtype: str  # as written: "auto" is settled by the device at run time
     width: int | None
     height: int | None
     fit: bool
@@ -95,6 +97,8 @@ class Recipe:
             },
             "negative_prompt": self.negative_prompt,
             "steps_mode": self.steps_mode,
+            "clip_skip": self.clip_skip,
+            "dtype": self.dtype,
             "width": self.width,
             "height": self.height,
             "fit": self.fit,
@@ -206,6 +210,8 @@ class _Resolver:
             model=model,  # type: ignore[arg-type]  # None only when a problem was recorded
             negative_prompt=shape.negative_prompt,
             steps_mode=shape.steps_mode,
+            clip_skip=shape.clip_skip,
+            dtype=shape.dtype,
             width=shape.width,
             height=shape.height,
             fit=shape.fit,

@@ -172,6 +172,16 @@ class RecipeFile(_Strict):
     )
     cfg: Cfg | list[Cfg] | Range = 7.5
     seeds: Seed | list[Seed] | SeedRange
+    clip_skip: StrictInt = Field(
+        default=1,
+        ge=1,
+        le=12,
+        description="AUTOMATIC1111's Clip skip: 1 uses CLIP's last layer, 2 the one before "
+        "(diffusers' clip_skip is this minus 1)",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="auto: float16 on CUDA, float32 elsewhere; --dtype overrides"
+    )
     width: Size | None = None
     height: Size | None = None
     fit: StrictBool = Field(

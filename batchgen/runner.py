@@ -146,7 +146,7 @@ def run(
     recipe_path: str | Path,
     *,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str | None = None,
     output: Path | None = None,
     max_jobs: int = DEFAULT_MAX_JOBS,
     fail_fast: bool = False,
@@ -165,7 +165,7 @@ def run(
 
     try:
         device = launcher_device(engine_module.resolve_device(device))
-        dtype = engine_module.resolve_dtype(dtype, device)
+        dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
         shard = shard or shard_from_environment()
     except ValueError as error:
         raise BadInputError(str(error)) from None

@@ -138,6 +138,7 @@ def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
         "Model hash": model_hash,
         "Model": model_name,
         "Denoising strength": float(job.strength),
+        "Clip skip": job.clip_skip if job.clip_skip > 1 else "",
         "Version": f"batchgen {__version__}",
     }
     settings_line = ", ".join(
@@ -167,10 +168,12 @@ def job_record(job: Job) -> dict[str, Any]:
         "cfg": float(job.cfg),
         "seed": int(job.seed),
         "scheduler": job.scheduler,
+        "clip_skip": job.clip_skip,
         "width": job.width,
         "height": job.height,
         "fit": job.fit,
         "model": job.model,
+        "vae": job.vae,
         "model_name": job.model_name,
         "dtype": job.dtype,
         "batchgen_version": __version__,
@@ -224,10 +227,12 @@ class ManifestRow:
     cfg: float
     seed: int
     scheduler: str
+    clip_skip: int  # A1111's convention
     width: int
     height: int
     fit: bool
     model: str  # model identity
+    vae: str  # identity of the VAE that replaced the model's own; "" for the model's
     model_hash: str
     dtype: str
     device: str

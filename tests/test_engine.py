@@ -49,6 +49,7 @@ def pipeline(tiny: ModelSource) -> Any:  # diffusers' pipelines are untyped attr
         tiny.path, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
+    pipe.model_scheduler_config = dict(pipe.scheduler.config)  # each test sets its own class
     return pipe
 
 
@@ -107,7 +108,7 @@ def unet_calls(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def pipeline_output(pipe: Any, job: Job, init: PreparedImage, output_type: str) -> np.ndarray:
     spec = scheduler_spec(job.scheduler)
     scheduler_class = getattr(diffusers, spec.class_name)
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **spec.config)
+    pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
     images = pipe(
         prompt=job.prompt,
         negative_prompt=job.negative_prompt,
@@ -124,7 +125,7 @@ def pipeline_output(pipe: Any, job: Job, init: PreparedImage, output_type: str) 
 @pytest.mark.parametrize(
     ("scheduler", "cfg", "negative_prompt"),
     [
-        ("k_lms", 7.5, ""),
+        ("k_dpmpp_2:karras", 7.5, ""),  # A1111's DPM++ 2M with "Schedule type: Karras"
         ("ddim", 7.5, "blurry, smoke"),
         ("k_euler_a", 7.5, "blurry, smoke"),  # ancestral: draws from the generator every step
         ("k_dpmpp_2", 7.5, ""),
@@ -151,6 +152,41 @@ def test_render_matches_the_diffusers_img2img_pipeline(
     assert np.abs(ours - theirs).max() <= 1e-5
     ours_8bit = np.asarray(engine.render(job, init))
     assert np.array_equal(ours_8bit, pipeline_output(pipeline, job, init, output_type="pil"))
+
+
+def test_clip_skip_2_conditions_on_the_penultimate_clip_layer(
+    engine: Engine, pipeline: Any, job: Job, init: PreparedImage
+) -> None:
+    """A1111's "Clip skip: 2": the second-to-last layer's hidden state through CLIP's final
+    layer norm. (diffusers 0.42's own `clip_skip` path reaches for `text_encoder.text_model`,
+    which transformers 5 no longer has, so the pipeline is given those embeddings instead.)"""
+    job = replace(job, clip_skip=2, negative_prompt="blurry, smoke")
+
+    def penultimate(prompt: str) -> torch.Tensor:
+        ids = pipeline.tokenizer(
+            prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = pipeline.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        return pipeline.text_encoder.final_layer_norm(hidden)
+
+    spec = scheduler_spec(job.scheduler)
+    scheduler_class = getattr(diffusers, spec.class_name)
+    pipeline.scheduler = scheduler_class.from_config(pipeline.model_scheduler_config)
+    with torch.no_grad():
+        theirs = pipeline(
+            prompt_embeds=penultimate(job.prompt),
+            negative_prompt_embeds=penultimate(job.negative_prompt),
+            image=init.rgb,
+            strength=job.strength,
+            num_inference_steps=job.steps_nominal,
+            guidance_scale=job.cfg,
+            generator=torch.Generator("cpu").manual_seed(job.seed),
+            output_type="np",
+        ).images[0]
+
+    ours = engine.render_pixels(job, init)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    assert not np.array_equal(ours, engine.render_pixels(replace(job, clip_skip=1), init))
 
 
 def test_guidance_uses_the_negative_prompt(engine: Engine, job: Job, init: PreparedImage) -> None:

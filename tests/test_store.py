@@ -234,7 +234,8 @@ def test_manifest_columns_are_in_the_documented_order() -> None:
     assert MANIFEST_COLUMNS == (
         "id", "status", "path", "index", "init_image", "init_image_sha256", "prompt",
         "negative_prompt", "strength", "steps", "steps_mode", "steps_nominal", "steps_taken",
-        "cfg", "seed", "scheduler", "width", "height", "fit", "model", "model_hash", "dtype",
+        "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "model", "vae",
+        "model_hash", "dtype",
         "device", "seconds", "sha256", "error", "finished_at", "batchgen_version",
     )  # fmt: skip
 
@@ -430,4 +431,12 @@ def test_a1111_parameters_name_the_karras_schedule_type() -> None:
     karras = dataclasses.replace(JOB, scheduler="k_dpmpp_2:karras")
     assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5" in a1111_parameters(
         karras, "tiny", "0123456789"
+    )
+
+
+def test_a1111_parameters_write_clip_skip_only_above_one() -> None:
+    assert "Clip skip" not in a1111_parameters(JOB, "tiny", "0123456789")
+    skipping = dataclasses.replace(JOB, clip_skip=2)
+    assert a1111_parameters(skipping, "tiny", "0123456789").endswith(
+        "Denoising strength: 0.4, Clip skip: 2, Version: batchgen " + __version__
     )
