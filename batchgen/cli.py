@@ -195,6 +195,7 @@ def plan(
 
 # How `plan` shows each parameter: the column title and the text of a job's value.
 _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
+    "model": lambda job: job.model_name,
     "init": lambda job: job.init_image.label,
     "prompt": lambda job: job.prompt or '""',
     "strength": lambda job: f"{job.strength:g}",
@@ -226,7 +227,7 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
             name,
             overflow="fold",
             no_wrap=name != "prompt",
-            justify="left" if name in ("init", "prompt", "scheduler") else "right",
+            justify="left" if name in ("model", "init", "prompt", "scheduler") else "right",
         )
     table.add_column("taken", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)

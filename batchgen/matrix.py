@@ -94,9 +94,9 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         height=height,
         fit=recipe.fit,
         clip_skip=recipe.clip_skip,
-        model=recipe.model.identity,
+        model=combination["model"].identity,
         dtype=dtype,
-        model_name=recipe.model.name,
+        model_name=combination["model"].name,
     )
 
 

@@ -22,7 +22,7 @@ from pydantic import (
 
 from batchgen import __version__
 from batchgen.images import InitImageError, read_header
-from batchgen.job import InitImage, StepsMode
+from batchgen.job import InitImage, Job, StepsMode
 from batchgen.models import ModelNotFoundError, ModelSource, resolve_model
 from batchgen.problems import PathKey, Problem, RecipeError, YamlDocument, did_you_mean
 from batchgen.recipe_file import (
@@ -40,8 +40,11 @@ from batchgen.schedulers import UnknownSchedulerError, scheduler_spec
 
 # Sweep axes, by the singular name jobs, include/exclude and grids use, with the recipe keys
 # that give them values.
-AXES: tuple[str, ...] = ("init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler")
+AXES: tuple[str, ...] = (
+    "model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"
+)  # fmt: skip
 AXIS_OF_KEY: dict[str, str] = {
+    "model": "model",
     "init_images": "init_image",
     "prompts": "prompt",
     "prompts_file": "prompt",
@@ -57,7 +60,6 @@ AXIS_OF_KEY: dict[str, str] = {
 class Recipe:
     path: Path
     name: str
-    model: ModelSource
     negative_prompt: str
     steps_mode: StepsMode
     clip_skip: int
@@ -76,24 +78,33 @@ class Recipe:
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
 
+    def model_of(self, job: Job) -> ModelSource:
+        """The model a job of this recipe runs on."""
+        return next(model for model in self.axes["model"] if model.identity == job.model)
+
     def locked(self) -> dict[str, Any]:
         """The recipe as resolved — globs expanded, defaults filled — for recipe.lock.yaml."""
 
         def plain(value: Any) -> Any:
+            if isinstance(value, ModelSource):
+                return value.reference
             return value.label if isinstance(value, InitImage) else value
 
         return {
             "batchgen_version": __version__,
             "name": self.name,
             "recipe": str(self.path.resolve()),  # init image labels are relative to its folder
-            "model": {"reference": self.model.reference, "identity": self.model.identity},
+            "model": [
+                {"reference": model.reference, "identity": model.identity}
+                for model in self.axes["model"]
+            ],
             "init_images": [
                 {"path": image.label, "sha256": image.sha256} for image in self.axes["init_image"]
             ],
             **{
                 axis: [plain(v) for v in values]
                 for axis, values in self.axes.items()
-                if axis != "init_image"
+                if axis not in ("init_image", "model")
             },
             "negative_prompt": self.negative_prompt,
             "steps_mode": self.steps_mode,
@@ -167,8 +178,8 @@ class _Resolver:
         name = shape.name or self.doc.file.stem
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             self.fail(("name",), f"`{name}` cannot name a folder", "use letters, digits, - and _")
-        model = self._model()
         axes = {
+            "model": self._models(),
             "init_image": self._init_images(),
             "prompt": self._prompts(),
             "strength": self._numbers("strength", shape.strength, float),
@@ -189,14 +200,9 @@ class _Resolver:
                     ("intermediates",), "not saved by this version yet; the run goes on without"
                 )
             )
-        if shape.grids:
-            self.warnings.append(
-                self.doc.problem(
-                    ("grids",), "grids are not drawn by this version yet; the run goes on without"
-                )
-            )
         written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
-        order = list(dict.fromkeys(written + list(AXES)))
+        # The model is always the outermost loop: each model is loaded once per run.
+        order = list(dict.fromkeys(["model", *written, *AXES]))
         swept = frozenset(
             AXIS_OF_KEY[key]
             for key, value in self.doc.data.items()
@@ -207,7 +213,6 @@ class _Resolver:
         return Recipe(
             path=self.doc.file,
             name=name,
-            model=model,  # type: ignore[arg-type]  # None only when a problem was recorded
             negative_prompt=shape.negative_prompt,
             steps_mode=shape.steps_mode,
             clip_skip=shape.clip_skip,
@@ -226,12 +231,21 @@ class _Resolver:
             warnings=tuple(self.warnings),
         )
 
-    def _model(self) -> ModelSource | None:
+    def _model(self, where: PathKey, reference: str) -> ModelSource | None:
         try:
-            return resolve_model(self.shape.model, self.base)
+            return resolve_model(reference, self.base)
         except ModelNotFoundError as error:
-            self.fail(("model",), str(error), error.hint)
+            self.fail(where, str(error), error.hint)
             return None
+
+    def _models(self) -> tuple[ModelSource, ...]:
+        references = self.shape.model
+        if isinstance(references, str):
+            return tuple(filter(None, [self._model(("model",), references)]))
+        if not references:
+            self.fail(("model",), "is empty", "e.g. `model: builtin:tiny`")
+        found = [self._model(("model", i), ref) for i, ref in enumerate(references)]
+        return tuple(dict.fromkeys(source for source in found if source is not None))
 
     def _init_image(self, path: PathKey, pattern: str) -> list[InitImage]:
         full = Path(os.path.normpath(self.base / Path(pattern).expanduser()))
@@ -390,6 +404,11 @@ class _Resolver:
         return tuple(entries)
 
     def _entry_value(self, where: PathKey, axis: str, value: Any, known: tuple[Any, ...]) -> Any:
+        if axis == "model":
+            for source in known:
+                if value in (source.reference, source.name):
+                    return source
+            return self._model(where, str(value))
         if axis == "init_image":
             for image in known:
                 if value in (image.label, image.path.name, image.path.stem):

@@ -151,9 +151,10 @@ class RecipeFile(_Strict):
     model_config = ConfigDict(title="batchgen recipe")
 
     name: str | None = Field(default=None, description="Output folder name; default: file stem")
-    model: str = Field(
+    model: str | list[str] = Field(
         default="builtin:tiny",
-        description="builtin:tiny, a diffusers folder, or a hub id in the local cache",
+        description="builtin:tiny, a diffusers folder, or a hub id in the local cache; a list "
+        "sweeps models (always the outermost loop)",
     )
     scheduler: str | SchedulerChoice | list[str | SchedulerChoice] = Field(
         default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 from batchgen.images import PreparedImage, is_small, prepare, read_header
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
+from batchgen.models import ModelSource
 from batchgen.plan import make_plan
 from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
-from batchgen.recipe import Recipe, load_recipe
+from batchgen.recipe import load_recipe
 from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
     RUN_LOG_NAME,
@@ -112,14 +113,16 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
             )
 
 
-def _make_image(engine: Engine, recipe: Recipe, job: Job, relative_path: Path) -> ManifestRow:
+def _make_image(
+    engine: Engine, model: ModelSource, run_dir: Path, job: Job, relative_path: Path
+) -> ManifestRow:
     started = time.perf_counter()
     status: RowStatus
     try:
         init = _prepared(job.init_image.path, (job.width, job.height))
         image = engine.render(job, init)
-        parameters = a1111_parameters(job, recipe.model.name, recipe.model.short_hash)
-        sha256 = write_image(image, recipe.output / relative_path, job, parameters)
+        parameters = a1111_parameters(job, model.name, model.short_hash)
+        sha256 = write_image(image, run_dir / relative_path, job, parameters)
         status, error = "done", ""
     except Exception as failure:  # noqa: BLE001 — any failure of one job is recorded, not fatal
         sha256, status, error = "", "failed", f"{type(failure).__name__}: {failure}"
@@ -127,12 +130,45 @@ def _make_image(engine: Engine, recipe: Recipe, job: Job, relative_path: Path) -
         job,
         status=status,
         path=relative_path.as_posix() if status == "done" else "",
-        model_hash=recipe.model.short_hash,
+        model_hash=model.short_hash,
         device=engine.device_label,
         seconds=round(time.perf_counter() - started, 3),
         sha256=sha256,
         error=error,
     )
+
+
+class _EngineLoader:
+    """One model in memory at a time: jobs come model by model (the model is the outermost
+    axis), so each model is loaded once."""
+
+    def __init__(
+        self, engine_class: type[Engine], device: str, dtype: str, reporter: Reporter
+    ) -> None:
+        self.engine_class = engine_class
+        self.device = device
+        self.dtype = dtype
+        self.reporter = reporter
+        self.model: ModelSource | None = None
+        self.engine: Engine | None = None
+
+    def load(self, model: ModelSource) -> Engine:
+        if self.engine is not None and model == self.model:
+            return self.engine
+        self.engine = None  # let the previous model go before the next one loads
+        try:
+            engine = self.engine_class(model.path, self.device, self.dtype)
+        except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
+            raise BadInputError(
+                f"cannot load model `{model.reference}` from {model.path}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        self.model, self.engine = model, engine
+        self.reporter.message(
+            f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
+            f"{engine.device_label} ({self.dtype})"
+        )
+        return engine
 
 
 def _describe(job: Job, row: ManifestRow) -> str:
@@ -190,14 +226,11 @@ def run(
             )
             return RunResult(recipe.output, 0, 0, plan.done_here, None, 0.0)
         _warn_small_images(jobs, reporter)
-        engine = engine_module.Engine(recipe.model.path, device, dtype)
         reporter.message(
             f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(jobs)} to do, "
-            f"{plan.done_here} already done; "
-            f"model {recipe.model.name} loaded in {engine.load_seconds:.1f}s on "
-            f"{engine.device_label} "
-            f"({dtype})"
+            f"{plan.done_here} already done"
         )
+        engines = _EngineLoader(engine_module.Engine, device, dtype, reporter)
         reporter.start(len(jobs))
         with _stop_on_signals(reporter) as stop:
             try:
@@ -205,7 +238,9 @@ def run(
                     if stop.signal is not None:
                         break
                     relative_path = Path("images") / image_filename(job, index_width)
-                    row = _make_image(engine, recipe, job, relative_path)
+                    model = recipe.model_of(job)
+                    engine = engines.load(model)
+                    row = _make_image(engine, model, recipe.output, job, relative_path)
                     manifest.append(row)
                     reporter.job_finished(_describe(job, row), row.status == "done")
                     made += row.status == "done"

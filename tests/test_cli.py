@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_plan_counts_done_and_to_do_and_steps_taken(recipe: Path) -> None:
     code, output = invoke("plan", str(recipe))
     assert code == 0
     assert "4 jobs: 0 done, 0 failed, 4 to do; 4 denoising steps to run" in output
-    assert "fixed: init pictures/gradient.png · steps 4" in output
+    assert "fixed: model tiny · init pictures/gradient.png · steps 4" in output
     invoke("run", str(recipe))
     code, output = invoke("plan", str(recipe))
     assert "4 jobs: 4 done, 0 failed, 0 to do; 0 denoising steps" in output
@@ -251,3 +252,23 @@ def test_schedulers_and_models_list_what_a_recipe_can_name() -> None:
     assert "UniPCMultistepScheduler" in output
     code, output = invoke("models")
     assert code == 0 and "builtin:tiny" in output and "hub cache searched" in output
+
+
+def test_a_model_sweep_loads_each_model_once_as_the_outermost_loop(recipe: Path) -> None:
+    from batchgen.models import resolve_model
+
+    other = recipe.parent / "other-model"
+    shutil.copytree(resolve_model("builtin:tiny", recipe.parent).path, other)
+    config = other / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"norm_eps": 1e-05', '"norm_eps": 0.001'))
+    recipe.write_text(recipe.read_text() + "model: [builtin:tiny, ./other-model]\n")
+
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    rows = manifest(recipe.parent / "out")
+    models = [row["model"] for row in rows]
+    assert len(rows) == 8 and models[:4] == [models[0]] * 4 and models[4:] == [models[4]] * 4
+    assert models[0].startswith("builtin:tiny@") and models[4].startswith("folder:")
+    assert output.count("model tiny loaded") == 1 and output.count("model other-model loaded") == 1
+    with Image.open(recipe.parent / "out" / rows[5]["path"]) as png:
+        assert "Model: other-model" in png.text["parameters"]

@@ -100,7 +100,7 @@ def test_defaults_fill_in_and_output_goes_to_outputs_name(tmp_path: Path) -> Non
     )
     assert recipe.name == "my-sweep"
     assert recipe.output == (Path("outputs") / "my-sweep").absolute()
-    assert recipe.model.reference == "builtin:tiny"
+    assert [model.reference for model in recipe.axes["model"]] == ["builtin:tiny"]
     assert recipe.axes["scheduler"] == ("k_lms",)
     assert recipe.steps_mode == "nominal"
 
