@@ -24,6 +24,7 @@ from batchgen.plan import Plan, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import recipe_json_schema
+from batchgen.report import write_report
 from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.store import ManifestError
@@ -352,3 +353,24 @@ def models(folders: tuple[Path, ...]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(f"hub cache searched: {hub_cache_dir()}")
+
+
+run_dir_argument = click.argument(
+    "run_dir", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR"
+)
+
+
+@main.command()
+@run_dir_argument
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR/report.html: thumbnails grouped like the grids, the manifest as a
+    sortable, filterable table, and the run summary. Loads no model; `run` rewrites it too.
+
+    \b
+    Example:
+      batchgen report outputs/example
+    """
+    try:
+        click.echo(write_report(run_dir))
+    except (FileNotFoundError, ManifestError) as error:
+        raise BadInput(str(error)) from None

@@ -26,7 +26,8 @@ from batchgen.models import ModelSource
 from batchgen.plan import make_plan
 from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
-from batchgen.recipe import load_recipe
+from batchgen.recipe import Recipe, load_recipe
+from batchgen.report import write_report
 from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
     RUN_LOG_NAME,
@@ -213,53 +214,81 @@ def run(
     recipe.output.mkdir(parents=True, exist_ok=True)
     write_lock_file(recipe.output, recipe.locked())
     manifest = Manifest(recipe.output, shard.ledger_name if shard else None)
-    index_width = max(4, len(str(len(plan.jobs))))
-    made = failed = 0
     log_name = f"run-{shard.ledger_name.removesuffix('.csv')}.log" if shard else RUN_LOG_NAME
     with RunLog(recipe.output, log_name) as log:
         reporter = make_reporter(log, quiet)
         for warning in recipe.warnings:
             reporter.message(f"warning: {warning}")
-        if not jobs:
+        made = failed = 0
+        stopped_by: int | None = None
+        if jobs:
             reporter.message(
-                f"nothing to do: all {plan.done_here} jobs are done in {recipe.output}"
+                f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(jobs)} to do, "
+                f"{plan.done_here} already done"
             )
-            return RunResult(recipe.output, 0, 0, plan.done_here, None, 0.0)
-        _warn_small_images(jobs, reporter)
-        reporter.message(
-            f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(jobs)} to do, "
-            f"{plan.done_here} already done"
-        )
-        engines = _EngineLoader(engine_module.Engine, device, dtype, reporter)
-        reporter.start(len(jobs))
-        with _stop_on_signals(reporter) as stop:
-            try:
-                for job in jobs:
-                    if stop.signal is not None:
-                        break
-                    relative_path = Path("images") / image_filename(job, index_width)
-                    model = recipe.model_of(job)
-                    engine = engines.load(model)
-                    row = _make_image(engine, model, recipe.output, job, relative_path)
-                    manifest.append(row)
-                    reporter.job_finished(_describe(job, row), row.status == "done")
-                    made += row.status == "done"
-                    failed += row.status == "failed"
-                    if failed and fail_fast:
-                        reporter.message("stopping at the first failure (--fail-fast)")
-                        break
-            finally:
-                reporter.close()
+            engines = _EngineLoader(engine_module.Engine, device, dtype, reporter)
+            made, failed, stopped_by = _make_images(
+                recipe, jobs, len(plan.jobs), manifest, engines, reporter, fail_fast
+            )
+        else:
+            reporter.message(f"nothing to do: all {plan.done_here} jobs are done")
+        _write_views(recipe.output, reporter)
         result = RunResult(
             recipe.output,
             made,
             failed,
             plan.done_here,
-            stop.signal,
+            stopped_by,
             time.perf_counter() - started,
         )
-        reporter.message(_summary(result, len(jobs)))
+        if jobs:
+            reporter.message(_summary(result, len(jobs)))
     return result
+
+
+def _make_images(
+    recipe: Recipe,
+    jobs: list[Job],
+    matrix_size: int,
+    manifest: Manifest,
+    engines: _EngineLoader,
+    reporter: Reporter,
+    fail_fast: bool,
+) -> tuple[int, int, int | None]:
+    """The run loop: each job rendered, written and recorded in turn, until the jobs run
+    out, a signal asks to stop, or (with fail_fast) a job fails. Returns made, failed and
+    the signal that stopped it."""
+    _warn_small_images(jobs, reporter)
+    index_width = max(4, len(str(matrix_size)))
+    made = failed = 0
+    reporter.start(len(jobs))
+    with _stop_on_signals(reporter) as stop:
+        try:
+            for job in jobs:
+                if stop.signal is not None:
+                    break
+                relative_path = Path("images") / image_filename(job, index_width)
+                model = recipe.model_of(job)
+                row = _make_image(engines.load(model), model, recipe.output, job, relative_path)
+                manifest.append(row)
+                reporter.job_finished(_describe(job, row), row.status == "done")
+                made += row.status == "done"
+                failed += row.status == "failed"
+                if failed and fail_fast:
+                    reporter.message("stopping at the first failure (--fail-fast)")
+                    break
+        finally:
+            reporter.close()
+    return made, failed, stop.signal
+
+
+def _write_views(run_dir: Path, reporter: Reporter) -> None:
+    """report.html, re-made from the manifest after every run. The images are safe whatever
+    happens here, so a failure is a warning, not a failed run."""
+    try:
+        reporter.message(f"report → {write_report(run_dir)}")
+    except (OSError, ValueError) as error:
+        reporter.message(f"warning: report.html not written: {error}")
 
 
 def _summary(result: RunResult, planned: int) -> str:

@@ -62,7 +62,7 @@ def manifest(run_dir: Path) -> list[dict[str, str]]:
 
 def test_version_and_help_with_examples() -> None:
     assert invoke("--version") == (0, f"batchgen, version {__version__}\n")
-    for command in ("run", "plan", "validate", "schema", "models", "schedulers"):
+    for command in ("run", "plan", "validate", "schema", "models", "schedulers", "report"):
         code, output = invoke(command, "--help")
         assert code == 0 and "Example:" in output
 
@@ -94,6 +94,9 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
     log = (run_dir / "run.log").read_text()
     assert "[4/4] job 4" in log and "4 made, 0 failed" in log
     assert "[1/4] job 1 images/0001-gradient-fire-f0.00-s4-S7.png" in output  # not a TTY: lines
+    report = (run_dir / "report.html").read_text()
+    assert f"report → {run_dir / 'report.html'}" in output
+    assert all(row["path"] in report for row in rows)
 
 
 def test_strength_zero_keeps_the_init_image_as_prepared(recipe: Path) -> None:
@@ -272,3 +275,15 @@ def test_a_model_sweep_loads_each_model_once_as_the_outermost_loop(recipe: Path)
     assert output.count("model tiny loaded") == 1 and output.count("model other-model loaded") == 1
     with Image.open(recipe.parent / "out" / rows[5]["path"]) as png:
         assert "Model: other-model" in png.text["parameters"]
+
+
+def test_report_command_rewrites_the_page_and_refuses_a_folder_that_is_no_run(
+    recipe: Path, tmp_path: Path
+) -> None:
+    invoke("run", str(recipe))
+    page = recipe.parent / "out" / "report.html"
+    page.unlink()
+    assert invoke("report", str(recipe.parent / "out")) == (0, f"{page}\n")
+    assert page.is_file()
+    code, output = invoke("report", str(tmp_path / "nothing-here"))
+    assert code == 2 and "nothing-here" in output
