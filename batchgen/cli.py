@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import click
 from rich import box
@@ -17,13 +18,14 @@ from rich.table import Table
 
 from batchgen import __version__
 from batchgen.devices import DTYPES, default_dtype, guess_device
+from batchgen.grid import GridError, make_grids, run_specs, spec_from_options
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.models import hub_cache_dir, list_models
 from batchgen.plan import Plan, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
-from batchgen.recipe_file import recipe_json_schema
+from batchgen.recipe_file import AxisName, recipe_json_schema
 from batchgen.report import write_report
 from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
@@ -358,6 +360,69 @@ def models(folders: tuple[Path, ...]) -> None:
 run_dir_argument = click.argument(
     "run_dir", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR"
 )
+
+
+@main.command()
+@click.argument(
+    "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="RUN_DIR"
+)
+@click.option("--x", metavar="AXIS", help="Axis across: " + ", ".join(get_args(AxisName)) + ".")
+@click.option("--y", metavar="AXIS", help="Axis down.")
+@click.option("--z", metavar="AXIS", help="One sub-grid per value.")
+@click.option(
+    "--where",
+    multiple=True,
+    metavar="AXIS=VALUE",
+    help="Only these jobs; repeat, e.g. --where seed=1592514025.",
+)
+@click.option("--show-init", is_flag=True, default=None, help="Show the init image first.")
+@click.option("--cell", type=int, help="Longest side of a cell in px (default: image, ≤ 256).")
+@click.option("--margin", type=int, help="Space between cells in px.")
+@click.option("--name", help="File name in RUN_DIR/grids/, without .png.")
+def grid(
+    run_dir: Path,
+    x: str | None,
+    y: str | None,
+    z: str | None,
+    where: tuple[str, ...],
+    show_init: bool | None,
+    cell: int | None,
+    margin: int | None,
+    name: str | None,
+) -> None:
+    """Draw labelled comparison grids from RUN_DIR's manifest into RUN_DIR/grids/. Without
+    --x: the recipe's `grids:`, else a default one. Works on half-finished runs too.
+
+    \b
+    Example:
+      batchgen grid outputs/example --x strength --y prompt --show-init
+      batchgen grid outputs/sweep --x cfg --y seed --where prompt=fire
+    """
+    if not x and (y or z or where):
+        raise click.UsageError("--y, --z and --where need --x")
+    try:
+        specs = (
+            [
+                spec_from_options(
+                    x=x,
+                    y=y,
+                    z=z,
+                    where=where,
+                    show_init=show_init,
+                    cell=cell,
+                    margin=margin,
+                    name=name,
+                )
+            ]
+            if x
+            else run_specs(run_dir)
+        )
+        results = make_grids(run_dir, specs)
+    except (GridError, ManifestError) as error:
+        raise BadInput(str(error)) from None
+    for result in results:
+        state = "wrote" if result.written else "unchanged"
+        click.echo(f"{state} {result.path}" + (f" ({result.note})" if result.note else ""))
 
 
 @main.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from batchgen.grid import make_grids, run_specs
 from batchgen.images import PreparedImage, is_small, prepare, read_header
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
@@ -283,8 +284,15 @@ def _make_images(
 
 
 def _write_views(run_dir: Path, reporter: Reporter) -> None:
-    """report.html, re-made from the manifest after every run. The images are safe whatever
-    happens here, so a failure is a warning, not a failed run."""
+    """Grids and report.html, re-made from the manifest after every run (a grid only when
+    its cells changed). The images are safe whatever happens here, so a failure is a
+    warning, not a failed run."""
+    try:
+        for grid in make_grids(run_dir, run_specs(run_dir)):
+            if grid.written:
+                reporter.message(f"grid → {grid.path}" + (f" ({grid.note})" if grid.note else ""))
+    except (OSError, ValueError) as error:  # GridError is a ValueError
+        reporter.message(f"warning: grids not drawn: {error}")
     try:
         reporter.message(f"report → {write_report(run_dir)}")
     except (OSError, ValueError) as error:

@@ -62,7 +62,7 @@ def manifest(run_dir: Path) -> list[dict[str, str]]:
 
 def test_version_and_help_with_examples() -> None:
     assert invoke("--version") == (0, f"batchgen, version {__version__}\n")
-    for command in ("run", "plan", "validate", "schema", "models", "schedulers", "report"):
+    for command in ("run", "plan", "validate", "schema", "models", "schedulers", "report", "grid"):
         code, output = invoke(command, "--help")
         assert code == 0 and "Example:" in output
 
@@ -94,6 +94,7 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
     log = (run_dir / "run.log").read_text()
     assert "[4/4] job 4" in log and "4 made, 0 failed" in log
     assert "[1/4] job 1 images/0001-gradient-fire-f0.00-s4-S7.png" in output  # not a TTY: lines
+    assert (run_dir / "grids" / "strength-x-prompt.png").is_file()
     report = (run_dir / "report.html").read_text()
     assert f"report → {run_dir / 'report.html'}" in output
     assert all(row["path"] in report for row in rows)
@@ -287,3 +288,16 @@ def test_report_command_rewrites_the_page_and_refuses_a_folder_that_is_no_run(
     assert page.is_file()
     code, output = invoke("report", str(tmp_path / "nothing-here"))
     assert code == 2 and "nothing-here" in output
+
+
+def test_grid_command_draws_any_grid_after_the_fact(recipe: Path) -> None:
+    invoke("run", str(recipe))
+    run_dir = recipe.parent / "out"
+    code, output = invoke("grid", str(run_dir), "--x", "prompt", "--where", "strength=0.5")
+    assert code == 0 and "wrote" in output
+    with Image.open(run_dir / "grids" / "prompt-strength-0.5.png") as grid:
+        shown = json.loads(grid.text["batchgen-grid"])["jobs"]
+    rows = manifest(run_dir)
+    assert shown == [row["id"] for row in rows if row["strength"] == "0.5"]
+    code, output = invoke("grid", str(run_dir), "--x", "colour")
+    assert code == 2 and "--x: Input should be 'init_image'" in output
