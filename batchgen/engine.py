@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,29 @@ from batchgen.schedulers import scheduler_spec
 # A diffusers scheduler. Their shared base, SchedulerMixin, does not declare the methods every
 # one of them has (set_timesteps, scale_model_input, step, add_noise), so type checkers can't.
 Scheduler = Any
+
+
+@dataclass(frozen=True)
+class StepState:
+    """The denoising loop's latents at its start and after each scheduler step, for a hook.
+
+    Index 0 is the init image's latents noised to the first timestep, before any step (the seed
+    doc's "initial image that SD sees"); index i follows the i-th call of the scheduler's `step`,
+    one per UNet evaluation. That is one per step taken, except for second-order schedulers
+    (Heun, DPM2: two calls per step but the last) and PLMS (its warm-up step calls twice).
+    The tensors are the loop's own, batch × 4 × height/8 × width/8: read or copy them, never
+    change them in place.
+    """
+
+    index: int
+    # The UNet's timestep at this step (index 0: the one the noise matches). Not always a whole
+    # number: Karras sigmas and DPM2's midpoints fall between the training timesteps.
+    timestep: float
+    latents: torch.Tensor
+    predicted_x0: torch.Tensor | None  # the clean latents this step aimed at; None at index 0
+
+
+StepCallback = Callable[[StepState], None]
 
 
 def resolve_device(device: str) -> str:
@@ -126,16 +151,22 @@ class Engine:
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         return self.device
 
-    def render(self, job: Job, init: PreparedImage) -> PIL.Image.Image:
-        """The job's image, pixel for pixel what diffusers' img2img pipeline makes of it."""
+    def render(
+        self, job: Job, init: PreparedImage, on_step: StepCallback | None = None
+    ) -> PIL.Image.Image:
+        """The job's image, pixel for pixel what diffusers' img2img pipeline makes of it.
+        `on_step` sees the latents before the first step and after each one; strength 0 takes
+        no step and calls it never."""
         if job.steps_taken == 0:
             # Strength 0 "keeps the original intact" (seed doc); diffusers would fail here.
             return init.rgb.copy()
-        pixels = self.render_pixels(job, init)
+        pixels = self.render_pixels(job, init, on_step)
         return VaeImageProcessor.numpy_to_pil(pixels[None])[0]
 
     @torch.no_grad()
-    def render_pixels(self, job: Job, init: PreparedImage) -> np.ndarray:
+    def render_pixels(
+        self, job: Job, init: PreparedImage, on_step: StepCallback | None = None
+    ) -> np.ndarray:
         """The job's image as float RGB in [0, 1], height × width × 3, before rounding to
         8 bits. Needs at least one denoising step (`render` handles strength 0)."""
         if job.steps_taken == 0:
@@ -160,7 +191,9 @@ class Engine:
         latents = self.prepare_latents(posterior, scheduler, timesteps[:1], generator)
         extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generator)
 
-        for t in timesteps:
+        if on_step is not None:
+            on_step(StepState(0, float(timesteps[0]), latents, None))
+        for index, t in enumerate(timesteps, start=1):
             latent_model_input = (
                 torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             )
@@ -171,9 +204,13 @@ class Engine:
             if do_classifier_free_guidance:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + job.cfg * (noise_pred_text - noise_pred_uncond)
-            latents = scheduler.step(
-                noise_pred, t, latents, **extra_step_kwargs, return_dict=False
-            )[0]
+            step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
+            if on_step is not None:
+                predicted_x0 = predicted_original_sample(
+                    scheduler, step_output, noise_pred, t, latents
+                )
+                on_step(StepState(index, float(t), step_output.prev_sample, predicted_x0))
+            latents = step_output.prev_sample
 
         return self.decode(latents)
 
@@ -259,6 +296,46 @@ class Engine:
         """Latents to float RGB in [0, 1], height × width × 3."""
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type="np")[0]
+
+    @torch.no_grad()
+    def decode_latents_exact(self, latents: torch.Tensor) -> PIL.Image.Image:
+        """Latents (the UNet's scaling, batch of one) through the VAE to an 8-bit image: for
+        the final latents, exactly the image `render` returns."""
+        return VaeImageProcessor.numpy_to_pil(self.decode(latents)[None])[0]
+
+
+def predicted_original_sample(
+    scheduler: Scheduler,
+    step_output: object,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+) -> torch.Tensor | None:
+    """The clean latents (x0) that the step from `sample` at `timestep` aimed at.
+
+    Most schedulers return it: `pred_original_sample` from DDIM, DDPM, LMS, Euler, Euler a,
+    Heun, DPM2 and DPM2 a, `denoised` from LCM. PLMS, DPM++ (2M, 2S), DEIS and UniPC don't; all
+    are variance-preserving (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), so x0 follows from the model's
+    output as in DDIM's step. None for a prediction type that formula does not cover.
+    """
+    for name in ("pred_original_sample", "denoised"):
+        predicted = getattr(step_output, name, None)
+        if predicted is not None:
+            return predicted
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        return None
+    # These schedulers' timesteps are whole training timesteps, Karras sigmas or not.
+    alpha_prod_t = alphas_cumprod[int(timestep)].to(sample.device, sample.dtype)
+    beta_prod_t = 1 - alpha_prod_t
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    return None
 
 
 def prepare_extra_step_kwargs(

@@ -30,6 +30,7 @@ from batchgen.recipe_file import (
     FIELD_HINTS,
     MAX_SEED,
     GridSpec,
+    IntermediatesSpec,
     Range,
     RecipeFile,
     SchedulerChoice,
@@ -73,7 +74,7 @@ class Recipe:
     include: tuple[dict[str, Any], ...]
     exclude: tuple[dict[str, Any], ...]
     output: Path
-    intermediates: bool
+    intermediates: IntermediatesSpec | None  # None: no strips
     grids: tuple[GridSpec, ...]
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
@@ -115,7 +116,7 @@ class Recipe:
             "fit": self.fit,
             "include": [{k: plain(v) for k, v in entry.items()} for entry in self.include],
             "exclude": [{k: plain(v) for k, v in entry.items()} for entry in self.exclude],
-            "intermediates": self.intermediates,
+            "intermediates": self.intermediates.model_dump() if self.intermediates else False,
             "grids": [grid.model_dump(exclude_none=True) for grid in self.grids],
         }
 
@@ -194,12 +195,6 @@ class _Resolver:
                 "variations are not supported by this version yet",
                 "set `count: 0` or remove `variations`",
             )
-        if shape.intermediates:
-            self.warnings.append(
-                self.doc.problem(
-                    ("intermediates",), "not saved by this version yet; the run goes on without"
-                )
-            )
         written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
         # The model is always the outermost loop: each model is loaded once per run.
         order = list(dict.fromkeys(["model", *written, *AXES]))
@@ -225,7 +220,9 @@ class _Resolver:
             include=self._matrix_entries("include", axes),
             exclude=self._matrix_entries("exclude", axes),
             output=output.absolute(),
-            intermediates=shape.intermediates,
+            intermediates=(
+                IntermediatesSpec() if shape.intermediates is True else shape.intermediates or None
+            ),
             grids=tuple(shape.grids),
             lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
             warnings=tuple(self.warnings),

@@ -145,6 +145,16 @@ class SchedulerChoice(_Strict):
         return f"{self.name}:{','.join(options)}" if options else self.name
 
 
+class IntermediatesSpec(_Strict):
+    """`intermediates: {mode, x0}`: how each job's strip of latent steps is drawn."""
+
+    mode: Literal["approximate", "exact"] = Field(
+        default="approximate",
+        description="approximate: a linear latent→RGB projection (cheap); exact: VAE decodes",
+    )
+    x0: StrictBool = Field(default=True, description="A second row: the predicted final image")
+
+
 class RecipeFile(_Strict):
     """A batchgen recipe (v1): init images × prompts × strengths × steps × cfg × seeds."""
 
@@ -192,7 +202,11 @@ class RecipeFile(_Strict):
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     output: str | None = Field(default=None, description="Default: outputs/<name>")
-    intermediates: StrictBool = False
+    intermediates: StrictBool | IntermediatesSpec = Field(
+        default=False,
+        description="Save a strip of the latents at every step per job: true (approximate, "
+        "with predicted x0) or {mode: approximate|exact, x0: bool}",
+    )
     grids: list[GridSpec] = Field(default_factory=list)
 
 

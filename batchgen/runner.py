@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from batchgen.grid import make_grids, run_specs
 from batchgen.images import PreparedImage, is_small, prepare, read_header
+from batchgen.intermediates import IntermediatesRecorder, write_strip
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
 from batchgen.models import ModelSource
@@ -28,6 +29,7 @@ from batchgen.plan import make_plan
 from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
 from batchgen.recipe import Recipe, load_recipe
+from batchgen.recipe_file import IntermediatesSpec
 from batchgen.report import write_report
 from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
@@ -116,15 +118,26 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
 
 
 def _make_image(
-    engine: Engine, model: ModelSource, run_dir: Path, job: Job, relative_path: Path
+    engine: Engine,
+    model: ModelSource,
+    run_dir: Path,
+    job: Job,
+    relative_path: Path,
+    intermediates: IntermediatesSpec | None,
 ) -> ManifestRow:
     started = time.perf_counter()
     status: RowStatus
     try:
         init = _prepared(job.init_image.path, (job.width, job.height))
-        image = engine.render(job, init)
+        recorder = None
+        if intermediates and job.steps_taken:
+            recorder = IntermediatesRecorder(engine, mode=intermediates.mode, x0=intermediates.x0)
+        image = engine.render(job, init, on_step=recorder)
         parameters = a1111_parameters(job, model.name, model.short_hash)
         sha256 = write_image(image, run_dir / relative_path, job, parameters)
+        if recorder is not None:  # before the row: a done row means its strip exists too
+            strip = run_dir / "intermediates" / f"{relative_path.stem}.png"
+            write_strip(recorder.frames, strip, job_id=job.id, note=recorder.note)
         status, error = "done", ""
     except Exception as failure:  # noqa: BLE001 — any failure of one job is recorded, not fatal
         sha256, status, error = "", "failed", f"{type(failure).__name__}: {failure}"
@@ -270,7 +283,14 @@ def _make_images(
                     break
                 relative_path = Path("images") / image_filename(job, index_width)
                 model = recipe.model_of(job)
-                row = _make_image(engines.load(model), model, recipe.output, job, relative_path)
+                row = _make_image(
+                    engines.load(model),
+                    model,
+                    recipe.output,
+                    job,
+                    relative_path,
+                    recipe.intermediates,
+                )
                 manifest.append(row)
                 reporter.job_finished(_describe(job, row), row.status == "done")
                 made += row.status == "done"

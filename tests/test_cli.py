@@ -301,3 +301,20 @@ def test_grid_command_draws_any_grid_after_the_fact(recipe: Path) -> None:
     assert shown == [row["id"] for row in rows if row["strength"] == "0.5"]
     code, output = invoke("grid", str(run_dir), "--x", "colour")
     assert code == 2 and "--x: Input should be 'init_image'" in output
+
+
+def test_intermediates_save_a_strip_per_job_that_takes_steps(recipe: Path) -> None:
+    recipe.write_text(recipe.read_text() + "intermediates: {mode: exact, x0: true}\n")
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    rows = manifest(recipe.parent / "out")
+    strips = recipe.parent / "out" / "intermediates"
+    for row in rows:
+        strip = strips / Path(row["path"]).name
+        if row["steps_taken"] == "0":
+            assert not strip.exists()  # strength 0: nothing was denoised
+            continue
+        with Image.open(strip) as picture:
+            chunk = json.loads(picture.text["batchgen-intermediates"])
+        assert chunk["job_id"] == row["id"] and "exact" in chunk["note"]
+        assert len(chunk["steps"]) == int(row["steps_taken"]) + 1  # the start, then each step
