@@ -130,10 +130,10 @@ def test_a_failing_job_is_recorded_and_the_run_goes_on(
 
     real_render = Engine.render
 
-    def render(self, job, init):  # type: ignore[no-untyped-def]
+    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
         if job.index == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_render(self, job, init)
+        return real_render(self, job, init, **options)
 
     monkeypatch.setattr(Engine, "render", render)
     code, output = invoke("run", str(recipe))
@@ -153,7 +153,7 @@ def test_fail_fast_stops_at_the_first_failure(
 ) -> None:
     from batchgen.engine import Engine
 
-    def render(self, job, init):  # type: ignore[no-untyped-def]
+    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
         raise RuntimeError("broken")
 
     monkeypatch.setattr(Engine, "render", render)
