@@ -3,44 +3,23 @@ strength 0 keeping the original, and bit-identical CPU renders."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from batchgen.engine import Engine, resolve_device, resolve_dtype
-from batchgen.images import PreparedImage, prepare, read_header
-from batchgen.job import InitImage, Job, StepsMode
-from batchgen.models import ModelSource, resolve_model
+from batchgen.images import PreparedImage
+from batchgen.job import Job, StepsMode
+from batchgen.models import ModelSource
 from batchgen.schedulers import scheduler_spec
+from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
 
-SIZE = (64, 96)  # width, height: small, and not square so a transposition would show
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The tiny model is as fast on one thread, and several threads per process slow to a
-    crawl when other test processes share the cores (spinning OpenMP workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelSource:
-    return resolve_model("builtin:tiny", Path("."))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny: ModelSource) -> Engine:
-    return Engine(tiny.path, device="cpu")
+SIZE = (DRAWING_WIDTH, DRAWING_HEIGHT)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,44 +30,6 @@ def pipeline(tiny: ModelSource) -> Any:  # diffusers' pipelines are untyped attr
     pipe.set_progress_bar_config(disable=True)
     pipe.model_scheduler_config = dict(pipe.scheduler.config)  # each test sets its own class
     return pipe
-
-
-@pytest.fixture(scope="module")
-def init_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A drawing with edges and gradients, so that the VAE has something to encode."""
-    y, x = np.mgrid[0 : SIZE[1], 0 : SIZE[0]]
-    pixels = np.stack([x * 4 % 256, y * 2 % 256, (x + y) * 3 % 256], axis=-1)
-    path = tmp_path_factory.mktemp("init") / "fire-drawing.png"
-    Image.fromarray(pixels.astype(np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def init(init_path: Path) -> PreparedImage:
-    return prepare(init_path, SIZE)
-
-
-@pytest.fixture(scope="module")
-def job(init_path: Path, tiny: ModelSource) -> Job:
-    """The seed doc's example, at a tiny size: 10 steps at strength 0.7 with k_lms."""
-    header = read_header(init_path)
-    return Job(
-        index=0,
-        init_image=InitImage(init_path, init_path.name, header.sha256, *SIZE),
-        prompt="cheery open fire, photograph",
-        negative_prompt="",
-        strength=0.7,
-        steps=10,
-        steps_mode="nominal",
-        cfg=7.5,
-        seed=1592514025,
-        scheduler="k_lms",
-        width=SIZE[0],
-        height=SIZE[1],
-        fit=False,
-        model=tiny.identity,
-        dtype="float32",
-    )
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ and the strip shows each step's latents (and predicted x0), labelled, with its n
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,55 +29,11 @@ from batchgen.intermediates import (
     fit_projection,
     write_strip,
 )
-from batchgen.job import InitImage, Job
-from batchgen.models import resolve_model
+from batchgen.job import Job
+from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
 
-WIDTH, HEIGHT = 64, 96  # latents 8 × 12: not square, so a transposition would show
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """As in test_engine: one thread is as fast for the tiny model, and kinder to neighbours."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(resolve_model("builtin:tiny", Path(".")).path, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def init() -> PreparedImage:
-    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
-    pixels = np.stack([x * 4 % 256, y * 2 % 256, (x + y) * 3 % 256], axis=-1)
-    return PreparedImage(Image.fromarray(pixels.astype(np.uint8)), None)
-
-
-@pytest.fixture(scope="module")
-def job() -> Job:
-    """The seed doc's example at a tiny size: 10 steps at strength 0.7 with k_lms."""
-    return Job(
-        index=0,
-        init_image=InitImage(
-            Path("/fire-drawing.png"), "fire-drawing.png", "0" * 64, WIDTH, HEIGHT
-        ),
-        prompt="fire",
-        negative_prompt="",
-        strength=0.7,
-        steps=10,
-        steps_mode="nominal",
-        cfg=7.5,
-        seed=1592514025,
-        scheduler="k_lms",
-        width=WIDTH,
-        height=HEIGHT,
-        fit=False,
-        model="builtin:tiny",
-        dtype="float32",
-    )
+WIDTH, HEIGHT = DRAWING_WIDTH, DRAWING_HEIGHT  # latents 8 × 12
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def render_with_states(engine: Engine, job: Job, init: PreparedImage) -> list[StepState]:

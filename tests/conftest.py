@@ -1,0 +1,80 @@
+"""Fixtures shared by the tests that run builtin:tiny in-process: one model load, one init
+drawing and the seed doc's job for the whole session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from batchgen.images import PreparedImage, prepare, read_header
+from batchgen.job import InitImage, Job
+from batchgen.models import ModelSource, resolve_model
+
+# Small, and not square, so that a transposition would show.
+DRAWING_WIDTH, DRAWING_HEIGHT = 64, 96
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model is as fast on one thread, and several threads per process slow to a
+    crawl when other test processes share the cores (spinning OpenMP workers)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> ModelSource:
+    return resolve_model("builtin:tiny", Path("."))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny: ModelSource):  # type: ignore[no-untyped-def]  # torch loads only when asked
+    from batchgen.engine import Engine
+
+    return Engine(tiny.path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def init_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A drawing with edges and gradients, so that the VAE has something to encode."""
+    y, x = np.mgrid[0:DRAWING_HEIGHT, 0:DRAWING_WIDTH]
+    pixels = np.stack([x * 4 % 256, y * 2 % 256, (x + y) * 3 % 256], axis=-1)
+    path = tmp_path_factory.mktemp("init") / "fire-drawing.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def init(init_path: Path) -> PreparedImage:
+    return prepare(init_path, (DRAWING_WIDTH, DRAWING_HEIGHT))
+
+
+@pytest.fixture(scope="session")
+def job(init_path: Path, tiny: ModelSource) -> Job:
+    """The seed doc's example, at a tiny size: 10 steps at strength 0.7 with k_lms."""
+    header = read_header(init_path)
+    return Job(
+        index=0,
+        init_image=InitImage(init_path, init_path.name, header.sha256, header.width, header.height),
+        prompt="cheery open fire, photograph",
+        negative_prompt="",
+        strength=0.7,
+        steps=10,
+        steps_mode="nominal",
+        cfg=7.5,
+        seed=1592514025,
+        scheduler="k_lms",
+        width=DRAWING_WIDTH,
+        height=DRAWING_HEIGHT,
+        fit=False,
+        model=tiny.identity,
+        dtype="float32",
+    )
