@@ -148,7 +148,8 @@ def test_builtin_tiny_loads_as_an_img2img_pipeline_with_sd_geometry() -> None:
     with torch.no_grad():
         latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert latents.shape == (1, 4, 8, 8)
-    assert pipe.vae.config.scaling_factor == 0.18215
+    # As SD did: 1 / the std of the latents over the training data (SD 1.x's is 0.18215).
+    assert 0 < pipe.vae.config.scaling_factor < 10
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.safety_checker is None
 

@@ -1,20 +1,15 @@
-"""Generate the built-in model `builtin:tiny` into batchgen/builtin/tiny/.
+"""The architecture of the built-in model `builtin:tiny` and the writer of its folder.
 
 A Stable Diffusion 1.x-shaped img2img pipeline (UNet, VAE, CLIP text encoder and tokenizer,
-PNDM scheduler) with random weights and tiny widths: it runs in milliseconds on a CPU, so tests
-and examples exercise the real diffusers code paths without downloading a checkpoint. Its
-images are noise; it is plumbing, not a model.
-
-Re-running rewrites the folder with byte-identical files (for a given torch/diffusers/
-transformers version): every component is built after `torch.manual_seed`, and the tokenizer
-is trained here by a deterministic BPE on a fixed word list.
-
-    python tools/make_tiny_model.py [--output DIR]
+PNDM scheduler) with tiny widths: it runs in milliseconds on a CPU, so tests and examples
+exercise the real diffusers code paths without downloading a checkpoint. The tokenizer is
+trained here by a deterministic BPE on a fixed word list; the text encoder keeps its seeded
+random weights; the VAE and UNet are trained by tools/train_tiny.py (`make tiny-model`), which
+builds them from here and writes the folder with `write_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from collections import Counter
@@ -152,18 +147,23 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 def build_vae() -> AutoencoderKL:
     torch.manual_seed(SEED)
-    # Four blocks give SD's 8x downsampling (each block but the last halves the size).
+    # Four blocks give SD's 8x downsampling (each block but the last halves the size). No
+    # attention in the mid block: the VAE is all convolutions, so it trains on crops and
+    # works at any size. `scaling_factor` is measured on the training data when it is saved.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
+        block_out_channels=(32, 48, 64, 64),
         layers_per_block=1,
-        norm_num_groups=16,
+        # One group: GroupNorm over all channels keeps the colour of a flat region (as the
+        # pattern across channels); SD's 32 groups of a few channels would normalize it away.
+        norm_num_groups=1,
         latent_channels=4,
-        sample_size=64,
+        sample_size=256,
         scaling_factor=0.18215,
+        mid_block_add_attention=False,
     )
 
 
@@ -198,36 +198,16 @@ def build_scheduler() -> PNDMScheduler:
     )
 
 
-MODEL_CARD = """\
-# builtin:tiny
-
-A Stable Diffusion 1.x-shaped img2img pipeline with **random weights** and tiny widths, for
-plumbing and tests. It is not a useful image model: its outputs are noise.
-
-It has SD 1.x's geometry, so every code path of a real checkpoint runs: a VAE with 4 latent
-channels and 8x downsampling (`scaling_factor` 0.18215), a UNet with 4 in/out channels and
-cross-attention on a 2-layer CLIP text encoder, a byte-level BPE CLIP tokenizer (77 tokens,
-trained on a few hundred prompt words so it tokenizes words, not letters), and SD 1.x's PNDM
-scheduler config. No safety checker or feature extractor. Weights are float32 safetensors.
-
-Recipes use it with `model: builtin:tiny`. It runs in milliseconds on a CPU at 64-128 px.
-
-## Regenerate
-
-    make tiny-model        # runs: python tools/make_tiny_model.py
-
-The script seeds every component, so re-running writes the same files for the same
-torch/diffusers/transformers versions.
-"""
-
-
-def build_pipeline() -> StableDiffusionImg2ImgPipeline:
+def build_pipeline(
+    vae: AutoencoderKL | None = None, unet: UNet2DConditionModel | None = None
+) -> StableDiffusionImg2ImgPipeline:
+    """The pipeline around the given (trained) VAE and UNet; random ones where not given."""
     tokenizer = build_tokenizer()
     return StableDiffusionImg2ImgPipeline(
-        vae=build_vae(),
+        vae=vae if vae is not None else build_vae(),
         text_encoder=build_text_encoder(tokenizer),
         tokenizer=tokenizer,
-        unet=build_unet(),
+        unet=unet if unet is not None else build_unet(),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,
@@ -235,13 +215,13 @@ def build_pipeline() -> StableDiffusionImg2ImgPipeline:
     )
 
 
-def write_model(output: Path) -> None:
+def write_model(output: Path, pipeline: StableDiffusionImg2ImgPipeline, model_card: str) -> None:
     """Write the folder next to `output` first, then swap it in: no half-written model."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".tiny-") as staging:
         staged = Path(staging) / output.name
-        build_pipeline().save_pretrained(staged, safe_serialization=True)
-        (staged / "README.md").write_text(MODEL_CARD, encoding="utf-8")
+        pipeline.save_pretrained(staged, safe_serialization=True)
+        (staged / "README.md").write_text(model_card, encoding="utf-8")
         # safetensors files come out 0600 (written via a private temp file); package data
         # must be readable by everyone who installs it.
         for path in staged.rglob("*"):
@@ -249,15 +229,3 @@ def write_model(output: Path) -> None:
         if output.exists():
             shutil.rmtree(output)
         staged.rename(output)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    args = parser.parse_args()
-    write_model(args.output)
-    print(f"wrote {args.output}")
-
-
-if __name__ == "__main__":
-    main()
