@@ -9,29 +9,26 @@ around it without patching the pipeline.
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from batchgen.devices import DTYPES, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
+from batchgen.loading import load_components
+from batchgen.models import ModelSource
 from batchgen.schedulers import scheduler_spec
 
 # A diffusers scheduler. Their shared base, SchedulerMixin, does not declare the methods every
@@ -113,29 +110,28 @@ def _silence_libraries() -> None:
 class Engine:
     """One model on one device: the components are loaded once, then `render` makes a job."""
 
-    def __init__(self, model_path: Path, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        model: ModelSource,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        vae: ModelSource | None = None,
+        variant: str | None = None,
+    ) -> None:
         started = time.perf_counter()
         _silence_libraries()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.torch_dtype: torch.dtype = getattr(torch, self.dtype)
 
-        weights = {"local_files_only": True, "use_safetensors": True, "dtype": self.torch_dtype}
-        self.tokenizer = CLIPTokenizer.from_pretrained(
-            model_path, subfolder="tokenizer", local_files_only=True
-        )
-        self.text_encoder = CLIPTextModel.from_pretrained(
-            model_path, subfolder="text_encoder", **weights
-        )
-        self.vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", **weights)
-        self.unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", **weights)
-        models: tuple[torch.nn.Module, ...] = (self.text_encoder, self.vae, self.unet)
-        for model in models:
-            model.to(self.device).eval().requires_grad_(False)
-
+        components = load_components(model, self.torch_dtype, self.device, vae=vae, variant=variant)
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.vae = components.vae
+        self.unet = components.unet
         # The model's own scheduler config; each job builds its scheduler class from it.
-        config_file = Path(model_path) / "scheduler" / SCHEDULER_CONFIG_NAME
-        self.scheduler_config = json.loads(config_file.read_text(encoding="utf-8"))
+        self.scheduler_config = components.scheduler_config
         # As the pipeline: the VAE halves the size once per down block but the last.
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)

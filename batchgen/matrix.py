@@ -94,7 +94,9 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         height=height,
         fit=recipe.fit,
         clip_skip=recipe.clip_skip,
-        model=combination["model"].identity,
+        # Variant weights are other numbers under the same folder: part of the model's identity.
+        model=combination["model"].identity + (f"+{recipe.variant}" if recipe.variant else ""),
+        vae=recipe.vae.identity if recipe.vae else "",
         dtype=dtype,
         model_name=combination["model"].name,
     )

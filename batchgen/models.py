@@ -1,29 +1,37 @@
 """Resolving a recipe's `model:` to a local diffusers folder and a stable identity.
 
-A reference is `builtin:<name>`, a diffusers folder (absolute or relative to the recipe), or a
-hub id found in the local Hugging Face cache. Torch-free and offline on purpose: `validate` and
-`plan` resolve models without importing torch, and nothing here ever downloads.
+A reference is `builtin:<name>`, a diffusers folder (absolute or relative to the recipe), a
+hub id found in the local Hugging Face cache, or a single SD 1.x/2.x checkpoint file
+(`.safetensors`/`.ckpt`) with the shipped config folder that describes its architecture.
+Torch-free and offline on purpose: `validate` and `plan` resolve models without importing torch,
+and nothing here ever downloads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import batchgen
-from batchgen.hashcache import folder_sha256
+from batchgen.hashcache import file_sha256s, folder_sha256
 
 # Set before huggingface_hub is imported (it reads this once): a model missing from the cache
 # must fail fast with our message, not stall a batch run on network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ModelKind = Literal["builtin", "folder", "hub"]
+ModelKind = Literal["builtin", "folder", "hub", "single_file"]
 
 BUILTIN_DIR = Path(batchgen.__file__).parent / "builtin"
+# Weightless diffusers folders for single-file checkpoints (tools/make_sd_configs.py).
+CONFIGS_DIR = BUILTIN_DIR / "configs"
+SHIPPED_CONFIGS = ("sd15", "sd2")
 BUILTIN_PREFIX = "builtin:"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # The hub's repo id rule: owner/name, letters, digits, "-", "_" and ".".
@@ -39,6 +47,9 @@ class ModelSource:
     identity: str  # stable text for job ids, see resolve_model
     name: str  # display name, AUTOMATIC1111's "Model:" field
     short_hash: str  # AUTOMATIC1111's "Model hash": 10 hex digits
+    # single_file only: the diffusers folder whose configs describe the checkpoint. None for a
+    # `.ckpt`, whose tensor shapes only torch can read: loading.py detects it at load time.
+    config: Path | None = None
 
 
 class ModelNotFoundError(ValueError):
@@ -49,16 +60,19 @@ class ModelNotFoundError(ValueError):
         self.hint = hint
 
 
-def resolve_model(reference: str, base_dir: Path) -> ModelSource:
-    """Find the diffusers folder `reference` names; `base_dir` is the recipe's folder.
+def resolve_model(reference: str, base_dir: Path, config: str | None = None) -> ModelSource:
+    """Find the model `reference` names; `base_dir` is the recipe's folder. `config` (single
+    files only) overrides the detected architecture: `sd15`, `sd2`, `builtin:<name>` or a
+    diffusers folder.
 
-    Identities: `builtin:<name>@<16 hex of the model files' sha256>`, `folder:<absolute path>`,
-    `hub:<repo id>@<snapshot commit>`.
+    Identities: `builtin:<name>@<16 hex of the model files' sha256>`, `folder:<16 hex>`,
+    `hub:<repo id>@<snapshot commit>`, `file:<16 hex of the file's sha256>` (plus
+    `+config:<16 hex>` when `config` is given).
     """
     if reference.startswith(BUILTIN_PREFIX):
         return _resolve_builtin(reference)
     if reference.lower().endswith(SINGLE_FILE_SUFFIXES):
-        raise _single_file_error(reference, base_dir)
+        return _resolve_single_file(reference, base_dir, config)
     folder = (base_dir / reference).expanduser().absolute()
     if reference.startswith((".", "/", "~")) or folder.is_dir():
         return _resolve_folder(reference, folder)
@@ -118,15 +132,144 @@ def _resolve_folder(reference: str, folder: Path) -> ModelSource:
     )
 
 
-def _single_file_error(reference: str, base_dir: Path) -> ModelNotFoundError:
+def _resolve_single_file(reference: str, base_dir: Path, config: str | None) -> ModelSource:
+    path = _existing_file(reference, base_dir)
+    digest = file_sha256s([path])[path]  # the full content hash, cached by path+mtime+size
+    identity = f"file:{digest[:16]}"
+    if config is not None:
+        config_folder = _config_folder(config, base_dir)
+        identity += f"+config:{folder_sha256(config_folder)[:16]}"
+    elif path.suffix.lower() == ".safetensors":
+        config_folder = detect_config(safetensors_shapes(path), path)
+    else:
+        config_folder = None
+    # A1111's "Model hash" is the first 10 hex digits of the file's sha256.
+    return ModelSource(
+        reference, "single_file", path, identity, path.stem, digest[:10], config_folder
+    )
+
+
+def _existing_file(reference: str, base_dir: Path) -> Path:
     path = (base_dir / reference).expanduser().resolve()
-    found = "" if path.is_file() else f" (and {path} does not exist)"
-    return ModelNotFoundError(
-        f"model `{reference}` is a single-file checkpoint; those are not supported yet{found}",
-        hint="convert it to a diffusers folder (diffusers' "
-        "scripts/convert_original_stable_diffusion_to_diffusers.py, or "
-        "`StableDiffusionImg2ImgPipeline.from_single_file(...).save_pretrained(folder)`) "
-        "and point `model:` at that folder",
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"checkpoint file `{reference}` not found: {path} does not exist",
+            hint="relative paths are relative to the recipe's folder",
+        )
+    return path
+
+
+def _config_folder(config: str, base_dir: Path) -> Path:
+    if config in SHIPPED_CONFIGS:
+        return CONFIGS_DIR / config
+    if config.startswith(BUILTIN_PREFIX):
+        return _resolve_builtin(config).path
+    folder = (base_dir / config).expanduser().resolve()
+    if not (folder / PIPELINE_INDEX).is_file():
+        raise ModelNotFoundError(
+            f"config `{config}` is not {', '.join(SHIPPED_CONFIGS)}, `{BUILTIN_PREFIX}<name>` "
+            f"or a diffusers folder (no {PIPELINE_INDEX} in {folder})",
+            hint="a diffusers folder needs only its configs and tokenizer, no weights",
+        )
+    return folder
+
+
+def resolve_vae(reference: str, base_dir: Path) -> ModelSource:
+    """A VAE override: a single `.safetensors`/`.ckpt` VAE file (converted with the base model's
+    VAE config at load time), an AutoencoderKL folder (config.json and weights), or a diffusers
+    pipeline folder, whose `vae/` is used."""
+    if reference.lower().endswith(SINGLE_FILE_SUFFIXES):
+        path = _existing_file(reference, base_dir)
+        digest = file_sha256s([path])[path]
+        return ModelSource(
+            reference, "single_file", path, f"file:{digest[:16]}", path.stem, digest[:10]
+        )
+    folder = (base_dir / reference).expanduser().resolve()
+    if (folder / PIPELINE_INDEX).is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"vae `{reference}` is neither a .safetensors/.ckpt file nor a folder with an "
+            f"AutoencoderKL config.json ({folder})",
+            hint="point `vae:` at a VAE file, a diffusers VAE folder or a pipeline folder",
+        )
+    digest = folder_sha256(folder)
+    return ModelSource(
+        reference, "folder", folder, f"folder:{digest[:16]}", folder.name, digest[:10]
+    )
+
+
+# Original (CompVis/A1111) checkpoint layout: the UNet lives under this prefix.
+UNET_PREFIX = "model.diffusion_model."
+UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the JSON header at the start of a safetensors file: no torch,
+    no reading of the weights."""
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        (header_size,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (0,)
+        header = file.read(header_size) if 0 < header_size <= MAX_SAFETENSORS_HEADER else b""
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        entries = None
+    if not isinstance(entries, dict):
+        raise ModelNotFoundError(
+            f"single-file checkpoint {path} is not a valid safetensors file "
+            "(its header does not parse)",
+            hint="the file may be truncated: download it again, or point `model:` at a "
+            "diffusers folder",
+        )
+    return {
+        key: tuple(entry["shape"])
+        for key, entry in entries.items()
+        if key != "__metadata__" and isinstance(entry, dict)
+    }
+
+
+def detect_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
+    """The config folder whose UNet matches the checkpoint: same first block width (conv_in's
+    output channels) and same cross-attention width (the text encoder's: 768 for SD 1.x's CLIP
+    ViT-L, 1024 for SD 2.x's OpenCLIP ViT-H). Builtin models are candidates too, so the tiny
+    model exported as one file loads with its own configs."""
+    if any(key.startswith("conditioner.") for key in shapes):
+        raise ModelNotFoundError(
+            f"{path} is an SDXL checkpoint; single files can be SD 1.x or 2.x only",
+            hint="convert it to a diffusers folder and point `model:` at that folder",
+        )
+    conv_in = shapes.get(UNET_CONV_IN)
+    if conv_in is None or len(conv_in) != 4:
+        raise ModelNotFoundError(
+            f"{path} has no Stable Diffusion UNet ({UNET_CONV_IN}); is it a VAE, a LoRA or an "
+            "embedding rather than a full model?",
+            hint="`model:` takes a full SD 1.x/2.x checkpoint; a VAE file goes under `vae:`",
+        )
+    if conv_in[1] != 4:
+        raise ModelNotFoundError(
+            f"{path} is an inpainting or other {conv_in[1]}-channel UNet; img2img needs the "
+            "4-channel SD 1.x/2.x UNet",
+        )
+    context_widths = {
+        shape[-1]
+        for key, shape in shapes.items()
+        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")
+    }
+    candidates = [CONFIGS_DIR / name for name in SHIPPED_CONFIGS]
+    candidates += [BUILTIN_DIR / name for name in builtin_names()]
+    for folder in candidates:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        if conv_in[0] == unet["block_out_channels"][0] and context_widths == {
+            unet["cross_attention_dim"]
+        }:
+            return folder
+    raise ModelNotFoundError(
+        f"{path}: cannot tell its architecture (first UNet width {conv_in[0]}, "
+        f"cross-attention width {sorted(context_widths)}); known: SD 1.x (320, 768), "
+        "SD 2.x (320, 1024)",
+        hint="give its diffusers config folder with `config:` next to `model:`",
     )
 
 

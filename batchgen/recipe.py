@@ -23,7 +23,7 @@ from pydantic import (
 from batchgen import __version__
 from batchgen.images import InitImageError, read_header
 from batchgen.job import InitImage, Job, StepsMode
-from batchgen.models import ModelNotFoundError, ModelSource, resolve_model
+from batchgen.models import ModelNotFoundError, ModelSource, resolve_model, resolve_vae
 from batchgen.problems import PathKey, Problem, RecipeError, YamlDocument, did_you_mean
 from batchgen.recipe_file import (
     AXIS_ITEM,
@@ -64,6 +64,8 @@ class Recipe:
     negative_prompt: str
     steps_mode: StepsMode
     clip_skip: int
+    vae: ModelSource | None  # replaces every model's own VAE
+    variant: str | None  # of diffusers folders' weight files, e.g. "fp16"
     dtype: str  # as written: "auto" is settled by the device at run time
     width: int | None
     height: int | None
@@ -81,7 +83,8 @@ class Recipe:
 
     def model_of(self, job: Job) -> ModelSource:
         """The model a job of this recipe runs on."""
-        return next(model for model in self.axes["model"] if model.identity == job.model)
+        identity = job.model.removesuffix(f"+{self.variant}") if self.variant else job.model
+        return next(model for model in self.axes["model"] if model.identity == identity)
 
     def locked(self) -> dict[str, Any]:
         """The recipe as resolved — globs expanded, defaults filled — for recipe.lock.yaml."""
@@ -110,6 +113,10 @@ class Recipe:
             "negative_prompt": self.negative_prompt,
             "steps_mode": self.steps_mode,
             "clip_skip": self.clip_skip,
+            "vae": {"reference": self.vae.reference, "identity": self.vae.identity}
+            if self.vae
+            else None,
+            "variant": self.variant,
             "dtype": self.dtype,
             "width": self.width,
             "height": self.height,
@@ -211,6 +218,8 @@ class _Resolver:
             negative_prompt=shape.negative_prompt,
             steps_mode=shape.steps_mode,
             clip_skip=shape.clip_skip,
+            vae=self._vae(),
+            variant=shape.variant,
             dtype=shape.dtype,
             width=shape.width,
             height=shape.height,
@@ -233,6 +242,15 @@ class _Resolver:
             return resolve_model(reference, self.base)
         except ModelNotFoundError as error:
             self.fail(where, str(error), error.hint)
+            return None
+
+    def _vae(self) -> ModelSource | None:
+        if self.shape.vae is None:
+            return None
+        try:
+            return resolve_vae(self.shape.vae, self.base)
+        except ModelNotFoundError as error:
+            self.fail(("vae",), str(error), error.hint)
             return None
 
     def _models(self) -> tuple[ModelSource, ...]:

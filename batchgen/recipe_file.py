@@ -166,6 +166,14 @@ class RecipeFile(_Strict):
         description="builtin:tiny, a diffusers folder, or a hub id in the local cache; a list "
         "sweeps models (always the outermost loop)",
     )
+    vae: str | None = Field(
+        default=None,
+        description="A VAE replacing the model's: a .safetensors/.ckpt file, a diffusers VAE "
+        "folder, or a pipeline folder whose vae/ is used",
+    )
+    variant: str | None = Field(
+        default=None, description="Weight variant of diffusers folders, e.g. fp16"
+    )
     scheduler: str | SchedulerChoice | list[str | SchedulerChoice] = Field(
         default="k_lms", description="InvokeAI sampler name (k_lms, ddim, …) or diffusers class"
     )

@@ -158,9 +158,16 @@ class _EngineLoader:
     axis), so each model is loaded once."""
 
     def __init__(
-        self, engine_class: type[Engine], device: str, dtype: str, reporter: Reporter
+        self,
+        engine_class: type[Engine],
+        recipe: Recipe,
+        device: str,
+        dtype: str,
+        reporter: Reporter,
     ) -> None:
         self.engine_class = engine_class
+        self.vae = recipe.vae
+        self.variant = recipe.variant
         self.device = device
         self.dtype = dtype
         self.reporter = reporter
@@ -172,7 +179,9 @@ class _EngineLoader:
             return self.engine
         self.engine = None  # let the previous model go before the next one loads
         try:
-            engine = self.engine_class(model.path, self.device, self.dtype)
+            engine = self.engine_class(
+                model, self.device, self.dtype, vae=self.vae, variant=self.variant
+            )
         except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
             raise BadInputError(
                 f"cannot load model `{model.reference}` from {model.path}: "
@@ -240,7 +249,7 @@ def run(
                 f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(jobs)} to do, "
                 f"{plan.done_here} already done"
             )
-            engines = _EngineLoader(engine_module.Engine, device, dtype, reporter)
+            engines = _EngineLoader(engine_module.Engine, recipe, device, dtype, reporter)
             made, failed, stopped_by = _make_images(
                 recipe, jobs, len(plan.jobs), manifest, engines, reporter, fail_fast
             )

@@ -39,7 +39,7 @@ def tiny() -> ModelSource:
 def engine(tiny: ModelSource):  # type: ignore[no-untyped-def]  # torch loads only when asked
     from batchgen.engine import Engine
 
-    return Engine(tiny.path, device="cpu")
+    return Engine(tiny, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -189,7 +189,7 @@ def test_cpu_renders_are_bit_identical_across_calls_and_engines(
 
     first = engine.render(job, init).tobytes()
     second = engine.render(job, init).tobytes()
-    from_another_engine = Engine(tiny.path, device="cpu").render(job, init).tobytes()
+    from_another_engine = Engine(tiny, device="cpu").render(job, init).tobytes()
 
     assert first == second == from_another_engine
 

@@ -1,0 +1,496 @@
+"""Loading components from folders and single-file checkpoints, safely and offline."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from batchgen.loading import CheckpointError, Components, load_components
+from batchgen.models import (
+    BUILTIN_DIR,
+    CONFIGS_DIR,
+    ModelNotFoundError,
+    detect_config,
+    resolve_model,
+    resolve_vae,
+)
+
+TINY_DIR = BUILTIN_DIR / "tiny"
+FLOAT32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHGEN_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+# --- exporting builtin:tiny in the original (CompVis / AUTOMATIC1111) single-file layout ---
+# The inverse of diffusers' single_file_utils converters, for any SD-shaped block layout (the
+# same tables as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, which
+# hard-codes SD 1.x's four blocks of two layers).
+
+UNET_RESNET_PARTS = [
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+]
+VAE_ATTENTION_PARTS = [
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+]
+
+
+def _rename(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """`key` with its longest matching diffusers prefix swapped for the original one."""
+    matches = [(old, new) for old, new in prefixes if key.startswith(old)]
+    if not matches:
+        return key, None
+    old, new = max(matches, key=lambda pair: len(pair[0]))
+    return new + key.removeprefix(old), old
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    layers = config.layers_per_block
+    prefixes = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+        ("mid_block.attentions.0.", "middle_block.1."),
+        ("mid_block.resnets.0.", "middle_block.0."),
+        ("mid_block.resnets.1.", "middle_block.2."),
+    ]
+    for i, up_type in enumerate(config.up_block_types):
+        for j in range(layers):
+            block = (layers + 1) * i + j + 1
+            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."))
+            prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1."))
+        down = f"input_blocks.{(layers + 1) * (i + 1)}.0.op."
+        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", down))
+        for j in range(layers + 1):
+            block = (layers + 1) * i + j
+            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0."))
+            prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1."))
+        upsampler = 2 if "CrossAttn" in up_type else 1
+        up = f"output_blocks.{(layers + 1) * i + layers}.{upsampler}."
+        prefixes.append((f"up_blocks.{i}.upsamplers.0.", up))
+    original = {}
+    for key, tensor in state.items():
+        new_key, prefix = _rename(key, prefixes)
+        if prefix and "resnets" in prefix:
+            for old, new in UNET_RESNET_PARTS:
+                new_key = new_key.replace(f".{old}.", f".{new}.")
+        original["model.diffusion_model." + new_key] = tensor
+    return original
+
+
+def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    blocks, layers = len(config.block_out_channels), config.layers_per_block
+    prefixes = []
+    for part in ("encoder", "decoder"):
+        prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out."))
+        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
+        for j in range(2):
+            prefixes.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
+    for i in range(blocks):
+        for j in range(layers):
+            prefixes.append(
+                (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.")
+            )
+        for j in range(layers + 1):
+            up = f"decoder.up.{blocks - 1 - i}.block.{j}."
+            prefixes.append((f"decoder.up_blocks.{i}.resnets.{j}.", up))
+        downsample = f"encoder.down.{i}.downsample."
+        prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.", downsample))
+        upsample = f"decoder.up.{blocks - 1 - i}.upsample."
+        prefixes.append((f"decoder.up_blocks.{i}.upsamplers.0.", upsample))
+    original = {}
+    for key, tensor in state.items():
+        new_key, prefix = _rename(key, prefixes)
+        new_key = new_key.replace(".conv_shortcut.", ".nin_shortcut.")
+        if prefix and prefix.endswith("attentions.0."):
+            for old, new in VAE_ATTENTION_PARTS:
+                new_key = new_key.replace(f".{old}", f".{new}")
+            if tensor.ndim == 2:  # the original attention projections are 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        original[new_key] = tensor
+    return original
+
+
+def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        "cond_stage_model.transformer."
+        + (key if key.startswith("text_model.") else "text_model." + key): tensor
+        for key, tensor in state.items()
+    }
+
+
+def tiny_components() -> Components:
+    return load_components(resolve_model("builtin:tiny", Path(".")), FLOAT32, "cpu")
+
+
+def original_checkpoint(components: Components) -> dict[str, torch.Tensor]:
+    vae = vae_to_original(components.vae.state_dict(), components.vae.config)
+    return {
+        **unet_to_original(components.unet.state_dict(), components.unet.config),
+        **{"first_stage_model." + key: tensor for key, tensor in vae.items()},
+        **text_encoder_to_original(components.text_encoder.state_dict()),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """builtin:tiny as one .safetensors file, in the original checkpoint layout."""
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-export.safetensors"
+    checkpoint = {key: t.contiguous() for key, t in original_checkpoint(tiny_components()).items()}
+    safetensors.torch.save_file(checkpoint, path)
+    return path
+
+
+def assert_same_weights(loaded: torch.nn.Module, expected: torch.nn.Module) -> None:
+    loaded_state, expected_state = loaded.state_dict(), expected.state_dict()
+    assert loaded_state.keys() == expected_state.keys()
+    for key, tensor in expected_state.items():
+        assert torch.equal(loaded_state[key], tensor), key
+
+
+def assert_same_components(loaded: Components, expected: Components) -> None:
+    assert_same_weights(loaded.unet, expected.unet)
+    assert_same_weights(loaded.vae, expected.vae)
+    assert_same_weights(loaded.text_encoder, expected.text_encoder)
+    assert loaded.scheduler_config == expected.scheduler_config
+    prompt = "cheery open fire, photograph"
+    assert loaded.tokenizer(prompt).input_ids == expected.tokenizer(prompt).input_ids
+
+
+def render(components: Components) -> torch.Tensor:
+    """diffusers' own img2img pipeline on the components: what the engine reproduces."""
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.unet,
+        scheduler=PNDMScheduler.from_config(components.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    init = Image.new("RGB", (64, 64), (200, 80, 20))
+    generator = torch.Generator("cpu").manual_seed(7)
+    images: torch.Tensor = pipe(
+        "fire",
+        image=init,
+        strength=0.5,
+        num_inference_steps=2,
+        generator=generator,
+        output_type="pt",
+    ).images
+    return images
+
+
+# --- single files ---
+
+
+def test_safetensors_checkpoint_resolves_to_a_single_file_with_a1111_hash(
+    tiny_export: Path,
+) -> None:
+    source = resolve_model(tiny_export.name, tiny_export.parent)
+
+    sha256 = hashlib.sha256(tiny_export.read_bytes()).hexdigest()
+    assert source.kind == "single_file"
+    assert source.path == tiny_export
+    assert source.identity == f"file:{sha256[:16]}"
+    assert source.short_hash == sha256[:10]
+    assert source.name == "tiny-export"
+    assert source.config == TINY_DIR  # detected from the header: tiny's UNet widths
+
+
+def test_config_override_is_part_of_the_identity(tiny_export: Path) -> None:
+    detected = resolve_model(str(tiny_export), Path("."))
+    overridden = resolve_model(str(tiny_export), Path("."), config="builtin:tiny")
+
+    assert overridden.config == TINY_DIR
+    assert overridden.identity.startswith(detected.identity + "+config:")
+
+
+def test_missing_checkpoint_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist") as error:
+        resolve_model("models/absent.safetensors", tmp_path)
+
+    assert str(tmp_path / "models" / "absent.safetensors") in str(error.value)
+
+
+def test_tiny_single_file_loads_the_same_components_as_its_folder(
+    tiny_export: Path, no_network: None
+) -> None:
+    loaded = load_components(resolve_model(str(tiny_export), Path(".")), FLOAT32, "cpu")
+
+    expected = tiny_components()
+    assert_same_components(loaded, expected)
+    assert torch.equal(render(loaded), render(expected))
+
+
+def test_ckpt_saved_with_torch_save_loads_with_weights_only(
+    tmp_path: Path, no_network: None
+) -> None:
+    expected = tiny_components()
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": original_checkpoint(expected), "global_step": 1}, path)
+
+    source = resolve_model(str(path), Path("."))
+    assert source.kind == "single_file" and source.config is None  # detected at load time
+
+    assert_same_components(load_components(source, FLOAT32, "cpu"), expected)
+
+
+class Payload:
+    """What a malicious pickle would carry: code that runs on unpickling."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_ckpt_that_needs_more_than_tensors_is_refused_with_a_conversion_hint(
+    tmp_path: Path,
+) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload(marker)}, path)
+    source = resolve_model(str(path), Path("."))
+
+    with pytest.raises(CheckpointError, match="never runs code") as error:
+        load_components(source, FLOAT32, "cpu")
+
+    assert not marker.exists()
+    assert error.value.hint and "safetensors" in error.value.hint
+    assert str(path.with_suffix(".safetensors")) in error.value.hint
+
+
+def test_checkpoint_missing_weights_is_refused_by_name(tmp_path: Path) -> None:
+    checkpoint = original_checkpoint(tiny_components())
+    path = tmp_path / "truncated.safetensors"
+    dropped = "model.diffusion_model.out.2.weight"
+    safetensors.torch.save_file(
+        {k: t.contiguous() for k, t in checkpoint.items() if k != dropped}, path
+    )
+
+    with pytest.raises(CheckpointError, match="lacks unet weights"):
+        load_components(resolve_model(str(path), Path(".")), FLOAT32, "cpu")
+
+
+def shapes(context_width: int, first_width: int = 320) -> dict[str, tuple[int, ...]]:
+    return {
+        "model.diffusion_model.input_blocks.0.0.weight": (first_width, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (
+            first_width,
+            context_width,
+        ),
+    }
+
+
+def test_sd1_and_sd2_are_told_apart_by_the_text_encoder_width() -> None:
+    assert detect_config(shapes(768), Path("sd15.safetensors")) == CONFIGS_DIR / "sd15"
+    assert detect_config(shapes(1024), Path("sd21.safetensors")) == CONFIGS_DIR / "sd2"
+    assert detect_config(shapes(32, first_width=32), Path("x.safetensors")) == TINY_DIR
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_shapes", "message"),
+    [
+        ({"conditioner.embedders.0.x": (1,), **shapes(2048)}, "SDXL"),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3)}, "no Stable Diffusion UNet"),
+        (
+            {**shapes(768), "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},
+            "inpainting",
+        ),
+        (shapes(4096), "cannot tell"),
+    ],
+)
+def test_unsupported_checkpoints_are_named(
+    checkpoint_shapes: dict[str, tuple[int, ...]], message: str
+) -> None:
+    with pytest.raises(ModelNotFoundError, match=message):
+        detect_config(checkpoint_shapes, Path("x.safetensors"))
+
+
+# --- VAE overrides, folders, variants ---
+
+
+def test_vae_single_file_replaces_the_models_vae(tmp_path: Path, no_network: None) -> None:
+    expected = tiny_components()
+    path = tmp_path / "vae.safetensors"
+    vae_state = vae_to_original(expected.vae.state_dict(), expected.vae.config)
+    safetensors.torch.save_file({k: t.contiguous() for k, t in vae_state.items()}, path)
+    vae = resolve_vae(path.name, tmp_path)
+    assert vae.kind == "single_file" and vae.identity.startswith("file:")
+
+    loaded = load_components(resolve_model("builtin:tiny", Path(".")), FLOAT32, "cpu", vae=vae)
+
+    assert_same_weights(loaded.vae, expected.vae)
+
+
+def test_vae_folder_or_pipeline_folder_replaces_the_models_vae(tmp_path: Path) -> None:
+    shutil.copytree(TINY_DIR / "vae", tmp_path / "my-vae")
+
+    for reference in ("my-vae", str(TINY_DIR)):
+        vae = resolve_vae(reference, tmp_path)
+        assert vae.path.name in ("my-vae", "vae")
+        loaded = load_components(resolve_model("builtin:tiny", Path(".")), FLOAT32, "cpu", vae=vae)
+        assert_same_weights(loaded.vae, tiny_components().vae)
+
+
+def test_folder_with_only_bin_weights_loads_them_with_weights_only(tmp_path: Path) -> None:
+    folder = tmp_path / "bin-model"
+    shutil.copytree(TINY_DIR, folder)
+    for weights in folder.glob("*/*.safetensors"):
+        stem = "pytorch_model" if weights.stem == "model" else weights.stem
+        torch.save(safetensors.torch.load_file(weights), weights.with_name(stem + ".bin"))
+        weights.unlink()
+
+    loaded = load_components(resolve_model(str(folder), Path(".")), FLOAT32, "cpu")
+
+    assert_same_components(loaded, tiny_components())
+
+
+def test_variant_selects_the_variant_weight_files(tmp_path: Path) -> None:
+    folder = tmp_path / "fp16-model"
+    shutil.copytree(TINY_DIR, folder)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(f"{weights.stem}.fp16.safetensors"))
+
+    source = resolve_model(str(folder), Path("."))
+    loaded = load_components(source, FLOAT32, "cpu", variant="fp16")
+
+    assert_same_components(loaded, tiny_components())
+
+
+# --- the shipped SD configs ---
+
+
+@pytest.mark.parametrize(
+    ("name", "unet_params", "text_encoder_params", "prediction_type"),
+    [
+        ("sd15", 859_520_964, 123_060_480, "epsilon"),
+        ("sd2", 865_910_724, 340_387_840, "v_prediction"),
+    ],
+)
+def test_shipped_configs_build_the_sd_architectures(
+    name: str, unet_params: int, text_encoder_params: int, prediction_type: str
+) -> None:
+    from accelerate import init_empty_weights
+
+    folder = CONFIGS_DIR / name
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+
+    def count(model: torch.nn.Module) -> int:
+        return sum(parameter.numel() for parameter in model.parameters())
+
+    assert count(unet) == unet_params
+    assert count(vae) == 83_653_863
+    assert count(text_encoder) == text_encoder_params
+    scheduler = (folder / "scheduler" / "scheduler_config.json").read_text()
+    assert f'"prediction_type": "{prediction_type}"' in scheduler
+    assert not [path for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin")]
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd2"])
+def test_shipped_tokenizers_give_clips_token_ids(name: str) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(
+        CONFIGS_DIR / name, subfolder="tokenizer", local_files_only=True
+    )
+
+    ids = tokenizer("a photograph of an astronaut riding a horse").input_ids
+
+    assert ids == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+    assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+    # SD 2's OpenCLIP pads with "!" (id 0), SD 1's CLIP with <|endoftext|>.
+    assert tokenizer.pad_token_id == (49407 if name == "sd15" else 0)
+
+
+def test_a_recipe_on_the_single_file_makes_the_folder_model_s_pixels(
+    tiny_export: Path, tmp_path: Path, no_network: None
+) -> None:
+    import batchgen
+    from batchgen.store import Manifest
+    from tests.test_cli import gradient
+
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    recipe = (
+        "init_images: pictures/gradient.png\nprompts: fire\nstrength: 0.6\nsteps: 5\nseeds: 3\n"
+    )
+    for name, model in (("folder", "builtin:tiny"), ("file", str(tiny_export))):
+        (tmp_path / f"{name}.yaml").write_text(recipe + f"model: {model}\n")
+        result = batchgen.run(tmp_path / f"{name}.yaml", output=tmp_path / name, quiet=True)
+        assert (result.made, result.exit_code) == (1, 0)
+    (folder_row,) = Manifest(tmp_path / "folder").latest().values()
+    (file_row,) = Manifest(tmp_path / "file").latest().values()
+    assert file_row.model.startswith("file:") and file_row.model_hash == file_row.model[5:15]
+    assert file_row.sha256 != folder_row.sha256  # the PNG text names another model...
+    with (
+        Image.open(tmp_path / "folder" / folder_row.path) as a,
+        Image.open(tmp_path / "file" / file_row.path) as b,
+    ):
+        assert a.tobytes() == b.tobytes()  # ...but the pixels are the same
+
+
+def test_vae_override_is_in_the_job_id_and_a_missing_variant_is_bad_input(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+    from batchgen.matrix import expand
+    from batchgen.recipe import load_recipe
+    from tests.test_cli import gradient
+
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    tiny = resolve_model("builtin:tiny", Path(".")).path
+    base = "init_images: pictures/gradient.png\nprompts: fire\nseeds: 3\nsteps: 5\n"
+    (tmp_path / "plain.yaml").write_text(base)
+    (tmp_path / "vae.yaml").write_text(base + f"vae: {tiny}\n")
+    (plain,) = expand(load_recipe(tmp_path / "plain.yaml"), "float32")
+    (with_vae,) = expand(load_recipe(tmp_path / "vae.yaml"), "float32")
+    assert plain.vae == "" and with_vae.vae.startswith("folder:") and plain.id != with_vae.id
+
+    (tmp_path / "variant.yaml").write_text(base + "variant: fp16\n")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "variant.yaml")])
+    assert result.exit_code == 2 and "cannot load model `builtin:tiny`" in result.output
