@@ -64,7 +64,7 @@ def test_ids_do_not_depend_on_the_output_folder(tmp_path: Path) -> None:
     "change",
     [
         "negative_prompt: blurry\n",
-    "clip_skip: 2\n",
+        "clip_skip: 2\n",
         "cfg: 9\n",
         "scheduler: ddim\n",
         "width: 32\nheight: 32\n",
