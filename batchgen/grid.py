@@ -57,6 +57,7 @@ MAX_FONT_SIZE = 28
 
 AXES: tuple[str, ...] = get_args(AxisName)
 AXIS_TITLES = {
+    "model": "model",  # its identity: the manifest's model column
     "init_image": "init image",
     "prompt": "prompt",
     "strength": "strength",

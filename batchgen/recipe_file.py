@@ -53,7 +53,7 @@ class Variations(_Strict):
 
 # The sweep axes a grid can lay out, by the names of their manifest columns. (Variations are
 # not made by this version, so `variation` is not one yet.)
-AxisName = Literal["init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
+AxisName = Literal["model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
 
 
 class GridSpec(_Strict):

@@ -318,3 +318,19 @@ def test_intermediates_save_a_strip_per_job_that_takes_steps(recipe: Path) -> No
             chunk = json.loads(picture.text["batchgen-intermediates"])
         assert chunk["job_id"] == row["id"] and "exact" in chunk["note"]
         assert len(chunk["steps"]) == int(row["steps_taken"]) + 1  # the start, then each step
+
+
+def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
+    from batchgen.models import resolve_model
+
+    other = recipe.parent / "other-model"
+    shutil.copytree(resolve_model("builtin:tiny", recipe.parent).path, other)
+    (other / "unet" / "extra.txt").write_text("another model")  # another identity
+    recipe.write_text(recipe.read_text() + "model: [builtin:tiny, ./other-model]\n")
+    assert invoke("run", str(recipe))[0] == 0
+    shown: list[str] = []
+    for grid in (recipe.parent / "out" / "grids").glob("*.png"):
+        with Image.open(grid) as picture:
+            shown += json.loads(picture.text["batchgen-grid"])["jobs"]
+    # model is an axis like the others: no cell holds two models' images
+    assert sorted(shown) == sorted(row["id"] for row in manifest(recipe.parent / "out"))
