@@ -195,6 +195,7 @@ def test_grid_has_one_cell_per_job_laid_out_under_the_label_strips(run: Run) -> 
     for job, box in zip(jobs, cells, strict=True):
         assert image.getpixel(centre(box)) == colour(job.index)
     assert result.fixed == {
+        "model": "builtin:tiny@0123456789abcdef",
         "init_image": "pictures/fire-drawing.png",
         "steps": 10,
         "cfg": 7.5,
