@@ -300,7 +300,7 @@ def test_grid_command_draws_any_grid_after_the_fact(recipe: Path) -> None:
     rows = manifest(run_dir)
     assert shown == [row["id"] for row in rows if row["strength"] == "0.5"]
     code, output = invoke("grid", str(run_dir), "--x", "colour")
-    assert code == 2 and "--x: Input should be 'init_image'" in output
+    assert code == 2 and "--x: Input should be 'model', 'init_image'" in output
 
 
 def test_intermediates_save_a_strip_per_job_that_takes_steps(recipe: Path) -> None:
