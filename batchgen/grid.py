@@ -101,7 +101,7 @@ def make_grids(run_dir: Path, specs: Sequence[GridSpec]) -> list[GridResult]:
         (run_dir / SHARD_LEDGER_DIR).glob("*.csv")
     ):
         raise GridError(f"{run_dir} has no {MANIFEST_NAME}: is it a run folder?")
-    rows = list(Manifest(run_dir).latest().values())  # in the order they were written
+    rows = _with_model_names(run_dir, list(Manifest(run_dir).latest().values()))
     if not rows:
         return []
     planned: dict[Path, tuple[int, _Grid]] = {}
@@ -130,6 +130,20 @@ def default_specs(rows: Iterable[ManifestRow]) -> list[GridSpec]:
     if x == "prompt" and y is not None:
         x, y = y, x
     return [GridSpec.model_validate({"x": x, "y": y, "show_init": True})]
+
+
+def _with_model_names(run_dir: Path, rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Rows whose model reads as the recipe names it (`builtin:tiny`, a path) rather than as
+    its content-hash identity, when recipe.lock.yaml maps one to the other unambiguously."""
+    try:
+        lock = yaml.safe_load((run_dir / LOCK_FILE_NAME).read_text(encoding="utf-8"))
+        models = lock["model"] if isinstance(lock["model"], list) else [lock["model"]]
+        names = {model["identity"]: model["reference"] for model in models}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return rows
+    if len(set(names.values())) != len(names):
+        return rows
+    return [dataclasses.replace(row, model=names.get(row.model, row.model)) for row in rows]
 
 
 def run_specs(run_dir: Path) -> list[GridSpec]:

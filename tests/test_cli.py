@@ -334,3 +334,11 @@ def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
             shown += json.loads(picture.text["batchgen-grid"])["jobs"]
     # model is an axis like the others: no cell holds two models' images
     assert sorted(shown) == sorted(row["id"] for row in manifest(recipe.parent / "out"))
+    code, output = invoke("grid", str(recipe.parent / "out"), "--x", "model", "--y", "prompt")
+    assert code == 0, output
+    with Image.open(recipe.parent / "out" / "grids" / "model-x-prompt-strength-0.5.png") as grid:
+        assert json.loads(grid.text["batchgen-grid"])["fixed"]["strength"] == 0.5
+    code, output = invoke(
+        "grid", str(recipe.parent / "out"), "--x", "prompt", "--where", "model=./other-model"
+    )
+    assert code == 0 and "prompt" in output
