@@ -91,7 +91,7 @@ def test_folder_without_model_index_is_not_a_pipeline(tmp_path: Path) -> None:
     assert error.value.hint
 
 
-def test_single_file_checkpoint_asks_for_a_diffusers_folder(tmp_path: Path) -> None:
+def test_a_file_that_is_no_safetensors_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "sd15.safetensors").write_bytes(b"")
 
     with pytest.raises(ModelNotFoundError, match="single-file") as error:
