@@ -112,7 +112,3 @@ def prepare(path: Path, size: tuple[int, int]) -> PreparedImage:
     if alpha is not None and alpha.getextrema() == (255, 255):
         alpha = None
     return PreparedImage(rgb, alpha)
-
-
-def is_small(header: ImageHeader) -> bool:
-    return min(header.width, header.height) < SMALL_IMAGE_SIDE

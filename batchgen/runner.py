@@ -20,7 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from batchgen.grid import make_grids, run_specs
-from batchgen.images import PreparedImage, is_small, prepare, read_header
+from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage, prepare
 from batchgen.intermediates import IntermediatesRecorder, write_strip
 from batchgen.job import Job
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
@@ -110,7 +110,7 @@ def _prepared(path: Path, size: tuple[int, int]) -> PreparedImage:
 def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
     """The seed doc's warning, once per image rather than once per job."""
     for image in dict.fromkeys(job.init_image for job in jobs):
-        if is_small(read_header(image.path)):
+        if min(image.width, image.height) < SMALL_IMAGE_SIDE:  # size read at validation
             reporter.message(
                 f"warning: {image.label} is {image.width}x{image.height}; img2img does not work "
                 "properly on init images smaller than 512x512 — scale it up for a real model"
