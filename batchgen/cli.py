@@ -20,16 +20,17 @@ from batchgen import __version__
 from batchgen.devices import DTYPES, default_dtype, guess_device
 from batchgen.grid import GridError, make_grids, run_specs, spec_from_options
 from batchgen.job import Job
+from batchgen.lock_changes import lock_changes
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.models import hub_cache_dir, list_models
-from batchgen.plan import Plan, make_plan
+from batchgen.plan import Plan, Redo, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import AxisName, recipe_json_schema
 from batchgen.report import write_report
 from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
-from batchgen.store import ManifestError
+from batchgen.store import ManifestError, read_lock_file
 
 EXIT_BAD_INPUT = 2
 
@@ -124,8 +125,19 @@ def main() -> None:
     each was made, and the same pixels again next time."""
 
 
+redo_option = click.option(
+    "--redo",
+    type=click.Choice(["failed", "all"]),
+    default=None,
+    help="failed: make only the jobs whose last attempt failed; all: make every job again, "
+    "done or not (images are replaced, the manifest gains rows). Default: every job not done.",
+)
+
+
 @main.command()
 @recipe_with_run_options
+@redo_option
+@click.option("--dry-run", is_flag=True, help="Say what a run would do, and do nothing.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first job that fails.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary.")
 def run(
@@ -135,19 +147,32 @@ def run(
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
+    redo: Redo | None,
+    dry_run: bool,
     fail_fast: bool,
     quiet: bool,
 ) -> None:
     """Make every image of RECIPE that its run folder does not have yet.
 
+    Safe to interrupt or kill at any moment: running the same command again finishes what
+    is missing and redoes nothing. Exit codes: 0 all done, 1 some jobs failed or the folder
+    could not be written, 2 bad input, 75 another run holds the folder, 130/143 stopped by
+    SIGINT/SIGTERM.
+
     \b
     Example:
       batchgen run recipes/example.yaml
       batchgen run sweep.yaml --device cuda:1 --output /data/sweeps/fire
+      batchgen run sweep.yaml --redo failed        # retry only what failed
       batchgen run sweep.yaml --shard 2/4          # the second of four slices
       accelerate launch --num_processes 4 -m batchgen run sweep.yaml
     """
-    from batchgen.runner import BadInputError
+    if dry_run:
+        _show_plan(recipe, device, dtype, output, max_jobs, shard, redo, show_all=False)
+        click.echo("dry run: nothing was made")
+        return
+    from batchgen.runlock import RunLockedError
+    from batchgen.runner import EXIT_LOCKED, BadInputError
     from batchgen.runner import run as run_recipe
 
     try:
@@ -160,16 +185,21 @@ def run(
             fail_fast=fail_fast,
             quiet=quiet,
             shard=shard,
+            redo=redo,
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None
     except BadInputError as error:
         raise BadInput(str(error)) from None
+    except RunLockedError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_LOCKED)
     sys.exit(result.exit_code)
 
 
 @main.command()
 @recipe_with_run_options
+@redo_option
 @click.option("--all", "show_all", is_flag=True, help="List every job, not the first 50.")
 def plan(
     recipe: Path,
@@ -178,6 +208,7 @@ def plan(
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
+    redo: Redo | None,
     show_all: bool,
 ) -> None:
     """Show RECIPE's jobs, what is done and what a run would do. Loads no model.
@@ -187,13 +218,31 @@ def plan(
       batchgen plan recipes/example.yaml
       batchgen plan sweep.yaml --shard 1/4    # which jobs the first of four shards runs
     """
+    _show_plan(recipe, device, dtype, output, max_jobs, shard, redo, show_all)
+
+
+def _show_plan(
+    recipe: Path,
+    device: str,
+    dtype: str | None,
+    output: Path | None,
+    max_jobs: int,
+    shard: Shard | None,
+    redo: Redo | None,
+    show_all: bool,
+) -> None:
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype or checked.dtype, guess_device(device))
     try:
-        the_plan = make_plan(checked, resolved_dtype, shard)
+        the_plan = make_plan(checked, resolved_dtype, shard, redo)
     except ManifestError as error:
         raise BadInput(str(error)) from None
     _print_plan(the_plan, show_all)
+    changes = lock_changes(read_lock_file(checked.output), checked.locked())
+    for alarm in changes.content_changed:
+        click.echo(f"warning: {alarm}", err=True)
+    for change in changes.changed:
+        click.echo(f"changed since the last run in this folder: {change}")
 
 
 # How `plan` shows each parameter: the column title and the text of a job's value.
@@ -246,7 +295,7 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
             job.id[:8],
             *(texts[name][number] for name in varying),
             str(job.steps_taken),
-            planned.status,
+            f"{planned.status} ({planned.note})" if planned.note else planned.status,
             *shard_cell,
             style=styles[planned.status] if planned.mine else "dim",
         )
@@ -259,10 +308,19 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
     )
     if the_plan.shard:
         summary += f"; shard {the_plan.shard} runs {len(the_plan.to_run)} of them"
+    elif the_plan.redo:
+        summary += f"; --redo {the_plan.redo} makes {len(the_plan.to_run)}"
     console.print(
         f"{summary}; {the_plan.steps_to_run} denoising steps to run "
         f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps)"
     )
+    if the_plan.outside:
+        kept = sum(1 for row in the_plan.outside if row.status == "done")
+        console.print(
+            f"{len(the_plan.outside)} job(s) in the manifest are not in the current recipe "
+            f"({kept} with images, kept on disk and in the manifest)",
+            markup=False,
+        )
 
 
 @main.command()
@@ -439,3 +497,75 @@ def report(run_dir: Path) -> None:
         click.echo(write_report(run_dir))
     except (FileNotFoundError, ManifestError) as error:
         raise BadInput(str(error)) from None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path), metavar="RUN_DIR")
+@click.option(
+    "--against",
+    "reference",
+    required=True,
+    type=click.Path(path_type=Path),
+    metavar="REF",
+    help="The reference: a run folder, or one of its manifest CSV files (that ledger alone).",
+)
+@click.option(
+    "--max-diff",
+    type=click.IntRange(0, 255),
+    default=None,
+    metavar="N",
+    help="Largest absolute difference allowed in any channel of any pixel, in 8-bit levels "
+    "(0-255). Default: 0, identical pixels, unless only --min-psnr is given.",
+)
+@click.option(
+    "--min-psnr",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="DB",
+    help="Lowest PSNR allowed, in dB over all channels (identical images: inf). With "
+    "--max-diff too, an image must clear both.",
+)
+@click.option(
+    "--diff",
+    "diff_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Write DIR/<index>-<id>.png for each mismatch: reference | run | difference, the "
+    "difference stretched so that one level shows.",
+)
+def verify(
+    run_dir: Path,
+    reference: Path,
+    max_diff: int | None,
+    min_psnr: float | None,
+    diff_dir: Path | None,
+) -> None:
+    """Check that RUN_DIR reproduces REF: the same jobs, matched by id, with the same pixels.
+    Loads no model.
+
+    Images are compared as decoded RGB(A) pixels, so a PNG re-saved with other metadata still
+    matches; a changed model hash, or a file changed since its run, is noted. On the CPU,
+    pixels are identical run to run (keep the thread count: the manifest's `device` column);
+    on a GPU, fp16 results move with the batch size, so give a tolerance. Job ids include
+    the dtype: compare a float16 run with a float16 reference.
+
+    Exit 0 when every finished job of REF is done in RUN_DIR and matches; 1 when some are
+    missing or mismatched (listed in a table); 2 when RUN_DIR or REF is not a run. Jobs done in
+    RUN_DIR but absent from REF are listed, not failed.
+
+    \b
+    Example:
+      batchgen verify outputs/example --against tests/reference/example
+      batchgen verify runs/gpu --against ref/manifest.csv --max-diff 2 --diff runs/gpu-diff
+    """
+    from batchgen.verify import Tolerance, VerifyError, print_report, verify_run
+
+    try:
+        verification = verify_run(
+            run_dir, reference, Tolerance.from_options(max_diff, min_psnr), diff_dir
+        )
+    except (VerifyError, ManifestError) as error:
+        raise BadInput(str(error)) from None
+    print_report(verification, Console(width=None if sys.stdout.isatty() else 160))
+    sys.exit(0 if verification.ok else 1)

@@ -27,6 +27,7 @@ class Reporter(Protocol):
     def start(self, total: int) -> None: ...
     def job_finished(self, line: str, ok: bool) -> None: ...
     def message(self, line: str) -> None: ...
+    def warning(self, line: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -66,6 +67,11 @@ class PlainReporter:
         if not self.quiet:
             print(line, flush=True)
 
+    def warning(self, line: str) -> None:
+        """Shown even with --quiet, on stderr."""
+        self.log.line(f"warning: {line}")
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
     def close(self) -> None:
         pass
 
@@ -102,6 +108,12 @@ class RichReporter:
     def message(self, line: str) -> None:
         self.log.line(line)
         self.progress.console.print(line, markup=False, highlight=False)
+
+    def warning(self, line: str) -> None:
+        self.log.line(f"warning: {line}")
+        self.progress.console.print(
+            Text(f"warning: {line}", style="bold yellow"), markup=False, highlight=False
+        )
 
     def close(self) -> None:
         self.progress.stop()

@@ -18,7 +18,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import quote
 
-import yaml
 from PIL import Image
 
 from batchgen import __version__
@@ -30,6 +29,7 @@ from batchgen.store import (
     SHARD_LEDGER_DIR,
     Manifest,
     ManifestRow,
+    read_lock_file,
     write_file_atomically,
 )
 
@@ -101,7 +101,7 @@ def write_report(run_dir: Path) -> Path:
             f"{run_dir} is not a batchgen run folder: it has no {' or '.join(RUN_FOLDER_MARKS)}. "
             "Give the folder `batchgen run` wrote (the recipe's `output`, or its --output)."
         )
-    lock = _read_lock(run_dir)
+    lock = read_lock_file(run_dir)
     rows = sorted(Manifest(run_dir).latest().values(), key=lambda row: row.index)
     jobs = [_reported_job(run_dir, row) for row in rows]
     grids = _grid_images(run_dir)
@@ -112,15 +112,6 @@ def write_report(run_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Reading the run folder
-
-
-def _read_lock(run_dir: Path) -> dict[str, Any]:
-    """recipe.lock.yaml, or {} when it is missing or unreadable: the manifest alone suffices."""
-    try:
-        lock = yaml.safe_load((run_dir / LOCK_FILE_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return lock if isinstance(lock, dict) else {}
 
 
 def _relative_file(run_dir: Path, relative_path: str) -> Path | None:

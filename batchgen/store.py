@@ -8,6 +8,7 @@ last line in the manifest, which reading ignores and the next append fences off.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -34,6 +35,7 @@ MANIFEST_NAME = "manifest.csv"
 SHARD_LEDGER_DIR = "manifests"  # per-shard ledgers of sharded runs
 LOCK_FILE_NAME = "recipe.lock.yaml"
 RUN_LOG_NAME = "run.log"
+IMAGES_DIR = "images"
 
 SLUG_MAX_LENGTH = 40
 
@@ -76,6 +78,15 @@ def write_lock_file(run_dir: Path, resolved: dict[str, Any]) -> None:
     """recipe.lock.yaml: the recipe as resolved, keys in the order given."""
     text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
     write_file_atomically(run_dir / LOCK_FILE_NAME, text.encode("utf-8"))
+
+
+def read_lock_file(run_dir: Path) -> dict[str, Any]:
+    """recipe.lock.yaml, or {} when it is missing or unreadable: the manifest alone suffices."""
+    try:
+        lock = yaml.safe_load((run_dir / LOCK_FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return lock if isinstance(lock, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,11 +465,18 @@ class RunLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
 
     def line(self, text: str) -> None:
-        """Append `text`; each of its lines gets the local time with its UTC offset."""
+        """Append `text`; each of its lines gets the local time with its UTC offset. The log
+        only repeats what the screen shows: a full disk stops the log, not the run."""
+        if self._file.closed:
+            return
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
-        for part in text.splitlines() or [""]:
-            self._file.write(f"{stamp} {part}\n")
-        self._file.flush()
+        try:
+            for part in text.splitlines() or [""]:
+                self._file.write(f"{stamp} {part}\n")
+            self._file.flush()
+        except OSError:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again
+                self._file.close()
 
     def close(self) -> None:
         self._file.close()

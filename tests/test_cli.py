@@ -232,7 +232,7 @@ def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Pat
             break
     output = process.stdout.read()
     assert process.wait(timeout=120) == 130
-    assert "run the same command again" in output
+    assert "run the same command again to finish the rest" in output
     made = len(manifest(tmp_path / "o"))
     assert 1 <= made < 20
     assert not [p for p in (tmp_path / "o" / "images").iterdir() if p.suffix != ".png"]
