@@ -1,6 +1,7 @@
 """The `batchgen` command: thin click commands over the library.
 
-Exit codes: 0 all done, 1 some jobs failed, 2 bad input, 130/143 interrupted.
+Exit codes: 0 all done, 1 some jobs failed (or `verify` found a mismatch), 2 bad input,
+75 another run holds the output folder, 130/143 interrupted.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from batchgen.recipe_file import AxisName, recipe_json_schema
 from batchgen.report import write_report
 from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
+from batchgen.status import NotARunFolderError, run_status
+from batchgen.status import describe as describe_status
 from batchgen.store import ManifestError, read_lock_file
+from batchgen.verify import Tolerance, VerifyError, print_report, verify_run
 
 EXIT_BAD_INPUT = 2
 
@@ -125,6 +129,40 @@ def main() -> None:
     each was made, and the same pixels again next time."""
 
 
+def comparison_options(command: Callable[..., None]) -> Callable[..., None]:
+    """How `verify` and `run --verify-against` compare images."""
+    options = (
+        click.option(
+            "--max-diff",
+            type=click.IntRange(0, 255),
+            default=None,
+            metavar="N",
+            help="Largest absolute difference allowed in any channel of any pixel, in 8-bit "
+            "levels (0-255). Default: 0, identical pixels, unless only --min-psnr is given.",
+        ),
+        click.option(
+            "--min-psnr",
+            type=click.FloatRange(min=0),
+            default=None,
+            metavar="DB",
+            help="Lowest PSNR allowed, in dB over all channels (identical images: inf). With "
+            "--max-diff too, an image must clear both.",
+        ),
+        click.option(
+            "--diff",
+            "diff_dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            metavar="DIR",
+            help="Write DIR/<index>-<id>.png for each mismatch: reference | run | difference, "
+            "the difference stretched so that one level shows.",
+        ),
+    )
+    for decorate in reversed(options):
+        command = decorate(command)
+    return command
+
+
 redo_option = click.option(
     "--redo",
     type=click.Choice(["failed", "all"]),
@@ -140,6 +178,16 @@ redo_option = click.option(
 @click.option("--dry-run", is_flag=True, help="Say what a run would do, and do nothing.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first job that fails.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and the summary.")
+@click.option(
+    "--verify-against",
+    "reference",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="REF",
+    help="After the run, check its images against a reference run as `batchgen verify` does "
+    "(for CI); exit 1 when they do not match.",
+)
+@comparison_options
 def run(
     recipe: Path,
     device: str,
@@ -151,6 +199,10 @@ def run(
     dry_run: bool,
     fail_fast: bool,
     quiet: bool,
+    reference: Path | None,
+    max_diff: int | None,
+    min_psnr: float | None,
+    diff_dir: Path | None,
 ) -> None:
     """Make every image of RECIPE that its run folder does not have yet.
 
@@ -194,6 +246,9 @@ def run(
     except RunLockedError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(EXIT_LOCKED)
+    if reference is not None and result.exit_code == 0:
+        verified = _verify(result.output, reference, max_diff, min_psnr, diff_dir)
+        sys.exit(0 if verified else 1)
     sys.exit(result.exit_code)
 
 
@@ -509,31 +564,7 @@ def report(run_dir: Path) -> None:
     metavar="REF",
     help="The reference: a run folder, or one of its manifest CSV files (that ledger alone).",
 )
-@click.option(
-    "--max-diff",
-    type=click.IntRange(0, 255),
-    default=None,
-    metavar="N",
-    help="Largest absolute difference allowed in any channel of any pixel, in 8-bit levels "
-    "(0-255). Default: 0, identical pixels, unless only --min-psnr is given.",
-)
-@click.option(
-    "--min-psnr",
-    type=click.FloatRange(min=0),
-    default=None,
-    metavar="DB",
-    help="Lowest PSNR allowed, in dB over all channels (identical images: inf). With "
-    "--max-diff too, an image must clear both.",
-)
-@click.option(
-    "--diff",
-    "diff_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    metavar="DIR",
-    help="Write DIR/<index>-<id>.png for each mismatch: reference | run | difference, the "
-    "difference stretched so that one level shows.",
-)
+@comparison_options
 def verify(
     run_dir: Path,
     reference: Path,
@@ -559,8 +590,16 @@ def verify(
       batchgen verify outputs/example --against tests/reference/example
       batchgen verify runs/gpu --against ref/manifest.csv --max-diff 2 --diff runs/gpu-diff
     """
-    from batchgen.verify import Tolerance, VerifyError, print_report, verify_run
+    sys.exit(0 if _verify(run_dir, reference, max_diff, min_psnr, diff_dir) else 1)
 
+
+def _verify(
+    run_dir: Path,
+    reference: Path,
+    max_diff: int | None,
+    min_psnr: float | None,
+    diff_dir: Path | None,
+) -> bool:
     try:
         verification = verify_run(
             run_dir, reference, Tolerance.from_options(max_diff, min_psnr), diff_dir
@@ -568,4 +607,21 @@ def verify(
     except (VerifyError, ManifestError) as error:
         raise BadInput(str(error)) from None
     print_report(verification, Console(width=None if sys.stdout.isatty() else 160))
-    sys.exit(0 if verification.ok else 1)
+    return verification.ok
+
+
+@main.command()
+@run_dir_argument
+def status(run_dir: Path) -> None:
+    """Where RUN_DIR stands: done and failed jobs (with their errors), time spent, images/s,
+    what is left of the recipe it was last run from, and whether a run is writing it now.
+    Reads the manifest; loads no model.
+
+    \b
+    Example:
+      batchgen status outputs/example
+    """
+    try:
+        click.echo(describe_status(run_status(run_dir)))
+    except (NotARunFolderError, ManifestError) as error:
+        raise BadInput(str(error)) from None

@@ -22,6 +22,8 @@ from filelock import FileLock, Timeout
 
 from batchgen.store import write_file_atomically
 
+LOCKS_DIR = ".locks"  # in a run folder: the run locks and who holds them
+
 
 class RunLockedError(RuntimeError):
     """Another process is running the same ledger of this run folder."""
@@ -44,38 +46,48 @@ def _holder_text(holder: dict[str, Any]) -> str:
     )
 
 
+def _read_holder(holder_path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(holder_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _holder_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".json")
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Left by a process of this host that no longer runs."""
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _running(pid)
+
+
+def holder_of(lock_path: Path) -> str | None:
+    """Who holds the lock now, as the second run's message says it; None when nobody does
+    (for `batchgen status`: it reads, never takes, the lock)."""
+    holder = _read_holder(_holder_path(lock_path))
+    return _holder_text(holder) if holder and not _is_stale(holder) else None
+
+
 class RunLock:
     """Held for the whole run: `with RunLock(run_dir / ".locks" / "run.lock"): ...`.
     `took_over` names the holder of a stale lock that was taken over, for the run to report."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.holder_path = path.with_name(path.name + ".json")
+        self.holder_path = _holder_path(path)
         self._lock = FileLock(path, timeout=0)
         self.took_over: str | None = None
 
-    def _holder(self) -> dict[str, Any]:
-        try:
-            holder = json.loads(self.holder_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _is_stale(self, holder: dict[str, Any]) -> bool:
-        pid = holder.get("pid")
-        return (
-            holder.get("host") == socket.gethostname()
-            and isinstance(pid, int)
-            and not _running(pid)
-        )
-
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        previous = self._holder()
+        previous = _read_holder(self.holder_path)
         try:
             self._lock.acquire()
         except Timeout:
-            if not self._is_stale(previous):
+            if not _is_stale(previous):
                 raise RunLockedError(
                     f"{self.path.parent} is being written by another batchgen run "
                     f"({_holder_text(previous) if previous else 'holder unknown'}). Wait for it "
@@ -83,7 +95,7 @@ class RunLock:
                 ) from None
             self.path.unlink(missing_ok=True)  # a lock file a killed process left
             self._lock.acquire()
-        if previous and self._is_stale(previous):
+        if previous and _is_stale(previous):
             self.took_over = _holder_text(previous)
         holder = {
             "pid": os.getpid(),

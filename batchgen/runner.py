@@ -33,7 +33,7 @@ from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import IntermediatesSpec
 from batchgen.report import write_report
 from batchgen.resume import orphans, remove_temp_files
-from batchgen.runlock import RunLock
+from batchgen.runlock import LOCKS_DIR, RunLock
 from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
     RUN_LOG_NAME,
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 EXIT_LOCKED = 75  # sysexits' EX_TEMPFAIL: another run holds the folder; try again later
-LOCKS_DIR = ".locks"  # run locks and who holds them
 
 
 class BadInputError(ValueError):

@@ -201,17 +201,23 @@ def test_schema_is_json_for_editors() -> None:
     assert code == 0 and json.loads(output)["title"] == "batchgen recipe"
 
 
-def test_validate_does_not_import_torch(recipe: Path) -> None:
+def imports_torch(*args: str) -> bool:
+    """Whether `batchgen ARGS` (which must succeed) imports torch or diffusers, in a fresh
+    interpreter: the commands that only read files must answer without that second of wait."""
     probe = (
         "import sys\nfrom batchgen.cli import main\n"
-        f"try:\n    main(['validate', {str(recipe)!r}])\nexcept SystemExit as exit:\n"
+        f"try:\n    main({list(args)!r})\nexcept SystemExit as exit:\n"
         "    assert exit.code in (0, None), exit.code\n"
-        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+        "print('torch' in sys.modules or 'diffusers' in sys.modules)"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
-    assert result.stdout.strip().splitlines()[-1] == "False False"
+    return result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_validate_does_not_import_torch(recipe: Path) -> None:
+    assert not imports_torch("validate", str(recipe))
 
 
 def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Path) -> None:
