@@ -1,6 +1,7 @@
 # batchgen — set-up, example run, tests.
 #   make run    venv + install + run recipes/example.yaml on builtin:tiny
 #   make test   venv + install + Chromium when possible (report.html's browser test) + the suite
+#   make test-slow   the long tests (30 kills of a real run)
 #   make lint   ruff + mypy
 # Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url <cuda index>"`.
 
@@ -10,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test browser lint format tiny-model clean
+.PHONY: setup run test test-slow browser lint format tiny-model clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,9 @@ run: setup
 
 test: setup browser
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 # tests/test_report.py opens report.html in headless Chromium: install Debian's package when
 # no Chromium is on PATH (CI runs as root); where it cannot be installed that test is skipped.

@@ -20,7 +20,7 @@ from batchgen.plan import PlannedJob, file_sha256
 
 # write_file_atomically's temp names: `.<final name>.<8 hex digits>.tmp`.
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.tmp$")
-_RUN_SUBFOLDERS = (".", "images", "intermediates", "grids", "manifests")
+_RUN_SUBFOLDERS = (".", "images", "intermediates", "grids", "manifests", ".locks")
 
 
 def remove_temp_files(run_dir: Path, is_mine: Callable[[Path], bool] = lambda _: True) -> int:

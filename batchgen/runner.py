@@ -317,6 +317,7 @@ def _resume(
         raise BadInputError(str(error)) from None
     mine = {recipe.output / planned.path for planned in plan.jobs if planned.mine}
     mine |= {recipe.output / _strip_path(planned.path) for planned in plan.jobs if planned.mine}
+    mine.add(_run_lock(recipe.output, shard).holder_path)
     removed = remove_temp_files(recipe.output, lambda path: shard is None or path in mine)
     if removed:
         reporter.message(f"removed {removed} temp file(s) a killed run left")

@@ -3,7 +3,7 @@ written atomically, the append-only manifest.csv ledger, recipe.lock.yaml and ru
 
 Torch-free, so `plan`, `status` and `verify` read a run folder without loading a model.
 A kill at any moment leaves no half-written image under its final name and at most a torn
-last line in the manifest, which reading ignores and the next append fences off.
+last line in the manifest, which reading ignores and the next append cuts off.
 """
 
 from __future__ import annotations
@@ -308,18 +308,26 @@ def _parse_value(column: str, text: str) -> object:
     return text
 
 
-def _closing_for_torn_row(data: bytes) -> bytes:
-    """What ends the row a kill tore at the end of `data`; b"" when it ends between rows.
+def _is_torn(data: bytes) -> bool:
+    """Whether `data` ends inside a row that a kill tore.
 
     Every quote character the csv module writes is one of a pair, so an odd count means the
-    torn row stopped inside a quoted value (which may hold line breaks): it needs its quote
-    closed, or whatever is appended next would be read as the rest of that value.
+    torn row stopped inside a quoted value (which may hold line breaks); otherwise a complete
+    ledger ends with a line break.
     """
-    if data.count(b'"') % 2 == 1:
-        return b'"' + _LINE_END.encode("utf-8")
-    if not data.endswith(b"\n"):
-        return _LINE_END.encode("utf-8")
-    return b""
+    return data.count(b'"') % 2 == 1 or not data.endswith(b"\n")
+
+
+def _end_of_complete_rows(data: bytes) -> int:
+    """The offset just past the last line break outside quotes: where the rows end that a
+    kill did not tear."""
+    end = position = quotes = 0
+    while (line_break := data.find(b"\n", position)) != -1:
+        quotes += data.count(b'"', position, line_break)
+        if quotes % 2 == 0:
+            end = line_break + 1
+        position = line_break + 1
+    return end
 
 
 class Ledger:
@@ -351,8 +359,9 @@ class Ledger:
             self._size_after_append = file.tell()
 
     def _prefix_before_append(self, file: io.BufferedRandom) -> bytes:
-        """What must precede the next row: the header for a new file, or the end of a row
-        torn by a kill, so that the torn row stays one ignorable line."""
+        """What must precede the next row: the header for a new file. A row torn by a kill
+        is cut off first: it was never recorded, and closing it instead could make it whole
+        again (a kill just before its line end) and record its job twice."""
         file.seek(0)
         data = file.read()
         header = _HEADER_LINE.encode("utf-8")
@@ -361,7 +370,10 @@ class Ledger:
             return header
         first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace")
         self._check_header(next(csv.reader([first_line])))
-        return _closing_for_torn_row(data)
+        if _is_torn(data):
+            file.truncate(_end_of_complete_rows(data))
+            file.seek(0, os.SEEK_END)
+        return b""
 
     def rows(self) -> list[ManifestRow]:
         """Every complete row, in file order; rows torn by a kill are skipped."""
@@ -380,10 +392,10 @@ class Ledger:
         for record in reader:
             records.append((row_start, record))
             row_start = reader.line_num + 1
-        if _closing_for_torn_row(data):
+        if _is_torn(data):
             records = records[:-1]  # the last row was being written when the run was killed
-        # A torn row that a later append closed has too few values, unless it was torn in
-        # its last one, batchgen_version: then it is whole but for that value's tail.
+        # batchgen 0.1 closed a torn row rather than cutting it off: such a row has too few
+        # values.
         return [
             self._parse_row(line, record)
             for line, record in records
