@@ -4,7 +4,7 @@
 `expand` give the recipe and its jobs without touching torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from batchgen.matrix import expand  # noqa: E402
 from batchgen.recipe import load_recipe  # noqa: E402

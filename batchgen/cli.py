@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import click
 from rich import box
@@ -87,9 +87,39 @@ shard_option = click.option(
 )
 
 
+def _batch_size(
+    context: click.Context, parameter: click.Parameter, value: str
+) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither a whole number ≥ 1 nor auto")
+
+
+batch_size_option = click.option(
+    "--batch-size",
+    callback=_batch_size,
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="Jobs per denoising loop (same scheduler, steps, strength and size). auto: by image "
+    "size on the CPU, the most that fit on a GPU. Pixels stay within one 8-bit level of "
+    "batch 1; job ids do not depend on it.",
+)
+
+
 def recipe_with_run_options(command: Callable[..., None]) -> Callable[..., None]:
     """RECIPE and the options that decide what a run of it would do (`run` and `plan`)."""
-    for decorate in (shard_option, max_jobs_option, output_option, dtype_option, device_option):
+    options = (
+        batch_size_option,
+        shard_option,
+        max_jobs_option,
+        output_option,
+        dtype_option,
+        device_option,
+    )
+    for decorate in options:
         command = decorate(command)
     return recipe_argument(command)
 
@@ -199,6 +229,7 @@ def run(
     dry_run: bool,
     fail_fast: bool,
     quiet: bool,
+    batch_size: int | Literal["auto"],
     reference: Path | None,
     max_diff: int | None,
     min_psnr: float | None,
@@ -220,7 +251,7 @@ def run(
       accelerate launch --num_processes 4 -m batchgen run sweep.yaml
     """
     if dry_run:
-        _show_plan(recipe, device, dtype, output, max_jobs, shard, redo, show_all=False)
+        _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, False)
         click.echo("dry run: nothing was made")
         return
     from batchgen.runlock import RunLockedError
@@ -238,6 +269,7 @@ def run(
             quiet=quiet,
             shard=shard,
             redo=redo,
+            batch_size=batch_size,
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None
@@ -263,6 +295,7 @@ def plan(
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
+    batch_size: int | Literal["auto"],
     redo: Redo | None,
     show_all: bool,
 ) -> None:
@@ -273,7 +306,7 @@ def plan(
       batchgen plan recipes/example.yaml
       batchgen plan sweep.yaml --shard 1/4    # which jobs the first of four shards runs
     """
-    _show_plan(recipe, device, dtype, output, max_jobs, shard, redo, show_all)
+    _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, show_all)
 
 
 def _show_plan(
@@ -283,13 +316,14 @@ def _show_plan(
     output: Path | None,
     max_jobs: int,
     shard: Shard | None,
+    batch_size: int | Literal["auto"],
     redo: Redo | None,
     show_all: bool,
 ) -> None:
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype or checked.dtype, guess_device(device))
     try:
-        the_plan = make_plan(checked, resolved_dtype, shard, redo)
+        the_plan = make_plan(checked, resolved_dtype, shard, redo, batch_size)
     except ManifestError as error:
         raise BadInput(str(error)) from None
     _print_plan(the_plan, show_all)

@@ -3,16 +3,18 @@
 The only module that imports torch and diffusers. `Engine.render` follows diffusers'
 `StableDiffusionImg2ImgPipeline.__call__` step by step and gives the same pixels, but the
 denoising loop is ours, so that custom noise, per-step hooks, caches and batching can be added
-around it without patching the pipeline.
+around it without patching the pipeline. `Engine.render_batch` runs that loop for several
+jobs at once (batching.py decides which); `render` is a batch of one.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import diffusers
 import numpy as np
@@ -24,6 +26,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
+from batchgen.batching import auto_batch_size, batch_key
 from batchgen.devices import DTYPES, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
@@ -57,6 +60,39 @@ class StepState:
 
 
 StepCallback = Callable[[StepState], None]
+
+# Prompt embeddings are 77 × 768 floats for SD 1.x (0.24 MB in float32): 60 MB at most.
+PROMPT_CACHE_ENTRIES = 256
+# A posterior holds its parameters, log-variance, std and variance, 20 floats per latent
+# pixel: 0.3 MB at 512 × 512 in float32. A sweep has few init images; 64 sizes is plenty.
+POSTERIOR_CACHE_ENTRIES = 64
+
+CachedValue = TypeVar("CachedValue")
+
+
+class BoundedCache(Generic[CachedValue]):
+    """The `entries` most recently used values by key, counting hits and misses; with
+    `entries` 0 it keeps nothing (every lookup is a miss), which is how tests turn it off."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self.hits = 0
+        self.misses = 0
+        self._values: OrderedDict[Hashable, CachedValue] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], CachedValue]) -> CachedValue:
+        """The value for `key`, made by `make()` on a miss."""
+        if key in self._values:
+            self.hits += 1
+            self._values.move_to_end(key)
+            return self._values[key]
+        self.misses += 1
+        value = make()
+        if self.entries > 0:
+            self._values[key] = value
+            if len(self._values) > self.entries:
+                self._values.popitem(last=False)
+        return value
 
 
 def resolve_device(device: str) -> str:
@@ -108,7 +144,9 @@ def _silence_libraries() -> None:
 
 
 class Engine:
-    """One model on one device: the components are loaded once, then `render` makes a job."""
+    """One model on one device: the components are loaded once, then `render` makes a job
+    and `render_batch` several at once. Prompt embeddings and init images' posteriors are
+    cached across jobs."""
 
     def __init__(
         self,
@@ -135,6 +173,11 @@ class Engine:
         # As the pipeline: the VAE halves the size once per down block but the last.
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
+        # Sweeps repeat prompts and init images across many jobs: encode each once.
+        self.prompt_cache: BoundedCache[torch.Tensor] = BoundedCache(PROMPT_CACHE_ENTRIES)
+        self.posterior_cache: BoundedCache[DiagonalGaussianDistribution] = BoundedCache(
+            POSTERIOR_CACHE_ENTRIES
+        )
         self.load_seconds = time.perf_counter() - started
 
     @property
@@ -153,39 +196,69 @@ class Engine:
         """The job's image, pixel for pixel what diffusers' img2img pipeline makes of it.
         `on_step` sees the latents before the first step and after each one; strength 0 takes
         no step and calls it never."""
-        if job.steps_taken == 0:
-            # Strength 0 "keeps the original intact" (seed doc); diffusers would fail here.
-            return init.rgb.copy()
-        pixels = self.render_pixels(job, init, on_step)
-        return VaeImageProcessor.numpy_to_pil(pixels[None])[0]
+        return self.render_batch([job], [init], on_step)[0]
 
-    @torch.no_grad()
+    def render_batch(
+        self,
+        jobs: Sequence[Job],
+        inits: Sequence[PreparedImage],
+        on_step: StepCallback | None = None,
+    ) -> list[PIL.Image.Image]:
+        """Each job's image, in order, the jobs that take steps denoised together in one loop
+        (they must share a `batch_key`). On the CPU each image is the job's alone within one
+        8-bit level (the UNet sums in another order for another batch size; measured in
+        tests/test_batching.py), and a batch of one is exactly the pipeline's. Strength-0
+        jobs return their init image unchanged and take no place in the loop.
+
+        `on_step` sees the whole batch's latents; `IntermediatesRecorder` keeps the first
+        sample's only, so jobs with intermediates are rendered in batches of one.
+        """
+        if len(jobs) != len(inits):
+            raise ValueError(f"{len(jobs)} jobs but {len(inits)} init images")
+        to_denoise = [index for index, job in enumerate(jobs) if job.steps_taken > 0]
+        denoised: dict[int, PIL.Image.Image] = {}
+        if to_denoise:
+            pixels = self.render_pixels_batch(
+                [jobs[index] for index in to_denoise],
+                [inits[index] for index in to_denoise],
+                on_step,
+            )
+            denoised = dict(zip(to_denoise, VaeImageProcessor.numpy_to_pil(pixels), strict=True))
+        # Strength 0 "keeps the original intact" (seed doc); diffusers would fail there.
+        return [
+            denoised[index] if index in denoised else init.rgb.copy()
+            for index, init in enumerate(inits)
+        ]
+
     def render_pixels(
         self, job: Job, init: PreparedImage, on_step: StepCallback | None = None
     ) -> np.ndarray:
         """The job's image as float RGB in [0, 1], height × width × 3, before rounding to
         8 bits. Needs at least one denoising step (`render` handles strength 0)."""
-        if job.steps_taken == 0:
-            raise ValueError(f"job {job.id} takes no denoising steps; `render` returns its init")
-        if init.rgb.size != (job.width, job.height):
-            raise ValueError(
-                f"init image is {init.rgb.size}, job {job.id} is {job.width}x{job.height}"
-            )
-        # One CPU generator per job, as `generator=` in diffusers: the same pixels on any device.
-        generator = torch.Generator("cpu").manual_seed(job.seed)
-        do_classifier_free_guidance = job.cfg > 1
+        return self.render_pixels_batch([job], [init], on_step)[0]
 
-        prompt_embeds = self.encode_prompt(job.prompt, job.clip_skip)
-        if do_classifier_free_guidance:
-            # Unconditional and conditional in one UNet batch, in the pipeline's order.
-            negative_embeds = self.encode_prompt(job.negative_prompt, job.clip_skip)
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+    @torch.no_grad()
+    def render_pixels_batch(
+        self,
+        jobs: Sequence[Job],
+        inits: Sequence[PreparedImage],
+        on_step: StepCallback | None = None,
+    ) -> np.ndarray:
+        """The jobs' images as float RGB in [0, 1], batch × height × width × 3: the
+        pipeline's img2img with a list of generators, one per job, and per-job cfg."""
+        check_batch(jobs, inits)
+        # One CPU generator per job, as a list of `generator=` in diffusers: each sample draws
+        # what it would draw alone, on any device.
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        first = jobs[0]  # what the batch shares: see batching.BatchKey
+        do_classifier_free_guidance = first.cfg > 1
 
-        scheduler = self.make_scheduler(job.scheduler)
-        timesteps = self.get_timesteps(scheduler, job.steps_nominal, job.strength)
-        posterior = self.encode_init_image(init)
-        latents = self.prepare_latents(posterior, scheduler, timesteps[:1], generator)
-        extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generator)
+        prompt_embeds = self.batch_prompt_embeddings(jobs, do_classifier_free_guidance)
+        scheduler = self.make_scheduler(first.scheduler)
+        timesteps = self.get_timesteps(scheduler, first.steps_nominal, first.strength)
+        posteriors = [self.init_posterior(job, init) for job, init in zip(jobs, inits, strict=True)]
+        latents = self.prepare_latents(posteriors, scheduler, timesteps[:1], generators)
+        extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generators)
 
         if on_step is not None:
             on_step(StepState(0, float(timesteps[0]), latents, None))
@@ -198,8 +271,7 @@ class Engine:
                 latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
             )[0]
             if do_classifier_free_guidance:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + job.cfg * (noise_pred_text - noise_pred_uncond)
+                noise_pred = classifier_free_guidance(noise_pred, [job.cfg for job in jobs])
             step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
             if on_step is not None:
                 predicted_x0 = predicted_original_sample(
@@ -208,7 +280,25 @@ class Engine:
                 on_step(StepState(index, float(t), step_output.prev_sample, predicted_x0))
             latents = step_output.prev_sample
 
-        return self.decode(latents)
+        return self.decode_batch(latents)
+
+    def batch_prompt_embeddings(
+        self, jobs: Sequence[Job], do_classifier_free_guidance: bool
+    ) -> torch.Tensor:
+        """The UNet's text conditioning for the batch, in the pipeline's order: with guidance
+        the unconditional halves first, [negative_1..negative_b, prompt_1..prompt_b]."""
+        embeddings = [self.prompt_embeddings(job.prompt, job.clip_skip) for job in jobs]
+        if do_classifier_free_guidance:
+            negatives = [self.prompt_embeddings(job.negative_prompt, job.clip_skip) for job in jobs]
+            embeddings = negatives + embeddings
+        return torch.cat(embeddings)
+
+    def prompt_embeddings(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
+        """`encode_prompt` through the prompt cache. Each prompt is encoded alone, never in a
+        batch, so that its embeddings do not depend on which prompts it was batched with."""
+        return self.prompt_cache.get(
+            (prompt, clip_skip), lambda: self.encode_prompt(prompt, clip_skip)
+        )
 
     def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
         """CLIP's hidden state for the prompt, padded and truncated to the tokenizer's
@@ -267,6 +357,13 @@ class Engine:
             scheduler.set_begin_index(begin_index)
         return scheduler.timesteps[begin_index:]
 
+    def init_posterior(self, job: Job, init: PreparedImage) -> DiagonalGaussianDistribution:
+        """`encode_init_image` through the posterior cache. The key is the init file's hash
+        and the job's size, which fix the prepared pixels (`images.prepare`); `fit` only chose
+        the size. Encoded alone, as the pipeline encodes each image of a batch."""
+        key = (job.init_image.sha256, job.width, job.height)
+        return self.posterior_cache.get(key, lambda: self.encode_init_image(init))
+
     def encode_init_image(self, init: PreparedImage) -> DiagonalGaussianDistribution:
         """The VAE's posterior over the init image's latents (mean and std, not a sample)."""
         image = self.image_processor.preprocess(init.rgb)
@@ -275,28 +372,34 @@ class Engine:
 
     def prepare_latents(
         self,
-        posterior: DiagonalGaussianDistribution,
+        posteriors: Sequence[DiagonalGaussianDistribution],
         scheduler: Scheduler,
         first_timestep: torch.Tensor,
-        generator: torch.Generator,
+        generators: list[torch.Generator],
     ) -> torch.Tensor:
-        """The init image's latents noised to the first timestep. The posterior is sampled
-        before the noise is drawn, with the same generator: the pipeline's random order."""
-        init_latents = self.vae.config.scaling_factor * posterior.sample(generator)
+        """The init images' latents noised to the first timestep. Each sample's posterior is
+        sampled before its noise is drawn, with its own generator: the pipeline's random
+        order, which is why the cache keeps posteriors and never a sample."""
+        samples = [posterior.sample(g) for posterior, g in zip(posteriors, generators, strict=True)]
+        init_latents = self.vae.config.scaling_factor * torch.cat(samples)
         noise = randn_tensor(
-            init_latents.shape, generator=generator, device=self.device, dtype=self.torch_dtype
+            init_latents.shape, generator=generators, device=self.device, dtype=self.torch_dtype
         )
-        return scheduler.add_noise(init_latents, noise, first_timestep)
+        return scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
+
+    def decode_batch(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents to float RGB in [0, 1], batch × height × width × 3, in one VAE call."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type="np")
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents to float RGB in [0, 1], height × width × 3."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="np")[0]
+        """The batch's first latents to float RGB in [0, 1], height × width × 3."""
+        return self.decode_batch(latents[:1])[0]
 
     @torch.no_grad()
     def decode_latents_exact(self, latents: torch.Tensor) -> PIL.Image.Image:
-        """Latents (the UNet's scaling, batch of one) through the VAE to an 8-bit image: for
-        the final latents, exactly the image `render` returns."""
+        """Latents (the UNet's scaling, the batch's first) through the VAE to an 8-bit image:
+        for a batch of one's final latents, exactly the image `render` returns."""
         return VaeImageProcessor.numpy_to_pil(self.decode(latents)[None])[0]
 
 
@@ -335,14 +438,75 @@ def predicted_original_sample(
 
 
 def prepare_extra_step_kwargs(
-    scheduler: Scheduler, generator: torch.Generator
+    scheduler: Scheduler, generators: list[torch.Generator]
 ) -> dict[str, object]:
-    """`eta` (DDIM's η, 0 as in the pipeline) and the generator, for the schedulers whose
-    `step` takes them; ancestral and SDE schedulers draw fresh noise at every step."""
+    """`eta` (DDIM's η, 0 as in the pipeline) and the generators, for the schedulers whose
+    `step` takes them; ancestral and SDE schedulers draw fresh noise at every step. Every
+    scheduler we offer draws it with `randn_tensor`, which draws sample i from generator i
+    (and treats a list of one as that generator), so each sample's noise is its own."""
     accepted = inspect.signature(scheduler.step).parameters
     extra_step_kwargs: dict[str, object] = {}
     if "eta" in accepted:
         extra_step_kwargs["eta"] = 0.0
     if "generator" in accepted:
-        extra_step_kwargs["generator"] = generator
+        extra_step_kwargs["generator"] = generators
     return extra_step_kwargs
+
+
+def classifier_free_guidance(noise_pred: torch.Tensor, cfgs: Sequence[float]) -> torch.Tensor:
+    """uncond + cfg × (cond − uncond) for each sample of [uncond_1..uncond_b, cond_1..cond_b].
+    Sample by sample with cfg as a Python float, exactly the pipeline's arithmetic: a b×1×1×1
+    tensor of cfgs would round them to the model's dtype (float16: 7.3 → 7.3008)."""
+    uncond, cond = noise_pred.chunk(2)
+    return torch.cat(
+        [
+            sample_uncond + cfg * (sample_cond - sample_uncond)
+            for sample_uncond, sample_cond, cfg in zip(
+                uncond.split(1), cond.split(1), cfgs, strict=True
+            )
+        ]
+    )
+
+
+def check_batch(jobs: Sequence[Job], inits: Sequence[PreparedImage]) -> None:
+    """Raises a ValueError unless the jobs can share one denoising loop."""
+    if not jobs or len(jobs) != len(inits):
+        raise ValueError(f"a batch needs one init image per job: {len(jobs)} jobs, {len(inits)}")
+    key = batch_key(jobs[0])
+    for job, init in zip(jobs, inits, strict=True):
+        if job.steps_taken == 0:
+            raise ValueError(f"job {job.id} takes no denoising steps; `render` returns its init")
+        differing = [
+            name
+            for name, value, first_value in zip(key._fields, batch_key(job), key, strict=True)
+            if value != first_value
+        ]
+        if differing:
+            raise ValueError(
+                f"job {job.id} cannot share a batch with job {jobs[0].id}: "
+                f"they differ in {', '.join(differing)}"
+            )
+        if init.rgb.size != (job.width, job.height):
+            raise ValueError(
+                f"init image is {init.rgb.size}, job {job.id} is {job.width}x{job.height}"
+            )
+
+
+def probe_cuda_batch_size(engine: Engine, job: Job, init: PreparedImage) -> int:
+    """The largest batch of jobs like `job` that `engine`'s GPU holds, by batching's
+    `auto_batch_size`. The trial renders take one denoising step: the UNet needs as much
+    memory at every step, and the batched VAE decode is tried with it."""
+    if not engine.device.startswith("cuda"):
+        raise ValueError(f"probing a batch size needs a CUDA device, not {engine.device}")
+    trial = replace(job, steps=1, steps_mode="nominal", strength=1.0)
+
+    def fits(size: int) -> bool:
+        # No empty_cache() after a failure: on running out, torch's allocator has already
+        # released its cached blocks and retried; it keeps what fits for the real batches.
+        try:
+            engine.render_batch([trial] * size, [init] * size)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        return True
+
+    return auto_batch_size(engine.device, job.width, job.height, fits)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from batchgen.batching import shard_unit
 from batchgen.job import Job
 from batchgen.matrix import expand
 from batchgen.recipe import Recipe
@@ -116,14 +117,18 @@ def _new_image_path(job: Job, index_width: int, claimed: dict[str, str]) -> str:
 
 
 def make_plan(
-    recipe: Recipe, dtype: str, shard: Shard | None = None, redo: Redo | None = None
+    recipe: Recipe,
+    dtype: str,
+    shard: Shard | None = None,
+    redo: Redo | None = None,
+    batch_size: int | Literal["auto"] = "auto",
 ) -> Plan:
     manifest = Manifest(recipe.output)
     latest = manifest.latest()
     claimed = {row.path: row.id for row in manifest.rows() if row.path}
     jobs = list(expand(recipe, dtype))
     index_width = max(4, len(str(len(jobs))))
-    owners = assign(jobs, shard.count) if shard else [0] * len(jobs)
+    owners = assign(jobs, shard.count, shard_unit(batch_size)) if shard else [0] * len(jobs)
     planned = []
     for job, owner in zip(jobs, owners, strict=True):
         row = latest.get(job.id)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -36,23 +38,33 @@ def remove_temp_files(run_dir: Path, is_mine: Callable[[Path], bool] = lambda _:
     return removed
 
 
-def embedded_job_id(path: Path) -> str | None:
-    """The job id in a batchgen PNG's `batchgen` chunk, if the file decodes completely."""
+def embedded_record(path: Path) -> dict[str, Any] | None:
+    """The `batchgen` chunk of a batchgen PNG (the job, the device, the batch size), if the
+    file decodes completely."""
     try:
         with Image.open(path) as image:
             image.load()  # a truncated file fails here
             record = json.loads(image.info.get("batchgen", "null"))
     except (OSError, ValueError, SyntaxError):  # Pillow raises SyntaxError for a broken PNG
         return None
-    return record.get("id") if isinstance(record, dict) else None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An image on disk that its job's killed run did not record."""
+
+    sha256: str
+    device: str
+    batch_size: int
 
 
 def orphans(
     run_dir: Path, planned: Iterable[PlannedJob], strip_of: Callable[[str], Path] | None = None
-) -> dict[str, str]:
-    """Job id → sha256 of each job to make whose image is already on disk without a done
-    row, whole and made for that job — and, when the run records intermediates (`strip_of`
-    gives the strip's path for an image path), with its strip too."""
+) -> dict[str, Orphan]:
+    """Job id → each job to make whose image is already on disk without a done row, whole
+    and made for that job — and, when the run records intermediates (`strip_of` gives the
+    strip's path for an image path), with its strip too."""
     adopted = {}
     for job in planned:
         image = run_dir / job.path
@@ -60,6 +72,9 @@ def orphans(
             continue  # a noted job's image changed on disk: it is made again
         if strip_of is not None and not strip_of(job.path).is_file():
             continue
-        if embedded_job_id(image) == job.job.id and (sha256 := file_sha256(image)):
-            adopted[job.job.id] = sha256
+        record = embedded_record(image)
+        if record and record.get("id") == job.job.id and (sha256 := file_sha256(image)):
+            adopted[job.job.id] = Orphan(
+                sha256, str(record.get("device", "")), int(record.get("batch_size", 0))
+            )
     return adopted

@@ -2,26 +2,30 @@
 the run folder does not have yet, a manifest row as each one finishes.
 
 Bad input is found before the model loads. A job that fails is recorded and the run goes on
-(unless `fail_fast`). SIGINT/SIGTERM stop the run after the current image; running the same
+(unless `fail_fast`). SIGINT/SIGTERM stop the run after the current batch; running the same
 command again finishes the rest.
 """
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from PIL import Image
+
+from batchgen.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
 from batchgen.grid import make_grids, run_specs
 from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage, prepare
-from batchgen.intermediates import IntermediatesRecorder, write_strip
+from batchgen.intermediates import IntermediatesRecorder
 from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
 from batchgen.matrix import DEFAULT_MAX_JOBS, check
@@ -41,11 +45,10 @@ from batchgen.store import (
     ManifestError,
     ManifestRow,
     RunLog,
-    a1111_parameters,
     read_lock_file,
-    write_image,
     write_lock_file,
 )
+from batchgen.writer import FinishedJob, ImageWriter, StorageError, strip_path
 
 if TYPE_CHECKING:
     from batchgen.engine import Engine
@@ -58,9 +61,13 @@ class BadInputError(ValueError):
     """Input that is not the recipe's fault but still the user's to fix (e.g. `--device`)."""
 
 
-class StorageError(OSError):
-    """The run folder cannot be written (full disk, permissions): the run stops, and what it
-    made so far stays recorded."""
+BatchSize = int | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    fail_fast: bool
+    batch_size: BatchSize  # jobs per denoising loop, or "auto": see batching.auto_batch_size
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
         self.reporter.message(
-            f"{signal.Signals(signum).name}: stopping after the current image "
+            f"{signal.Signals(signum).name}: stopping after the current batch "
             "(press Ctrl-C again to abort it)"
         )
 
@@ -127,67 +134,31 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
             )
 
 
-def _strip_path(image_path: str) -> Path:
-    """The intermediates strip of an image, relative to the run folder."""
-    return Path("intermediates") / f"{Path(image_path).stem}.png"
-
-
-def _make_image(
+def _render_batch(
     engine: Engine,
     model: ModelSource,
-    run_dir: Path,
-    planned: PlannedJob,
+    batch: list[PlannedJob],
     intermediates: IntermediatesSpec | None,
-) -> ManifestRow:
-    """Render one job and write its files. A job that fails to render is a failed row; a
-    file that cannot be written raises StorageError, which stops the run."""
-    job = planned.job
+) -> list[FinishedJob]:
+    """Render a batch in one denoising loop. A failure fails each of its jobs: the error is
+    recorded in their rows and the run goes on."""
     started = time.perf_counter()
+    jobs = [planned.job for planned in batch]
     recorder = None
     try:
-        init = _prepared(job.init_image.path, (job.width, job.height))
-        if intermediates and job.steps_taken:
+        inits = [_prepared(job.init_image.path, (job.width, job.height)) for job in jobs]
+        if intermediates and jobs[0].steps_taken:  # batches of one: see Engine.render_batch
             recorder = IntermediatesRecorder(engine, mode=intermediates.mode, x0=intermediates.x0)
-        image = engine.render(job, init, on_step=recorder)
-    except Exception as failure:  # noqa: BLE001 — any failure of one job is recorded, not fatal
-        return _row(job, model, engine, started, error=f"{type(failure).__name__}: {failure}")
-    try:
-        parameters = a1111_parameters(job, model.name, model.short_hash)
-        sha256 = write_image(image, run_dir / planned.path, job, parameters)
-        if recorder is not None:  # before the row: a done row means its strip exists too
-            write_strip(
-                recorder.frames,
-                run_dir / _strip_path(planned.path),
-                job_id=job.id,
-                note=recorder.note,
-            )
-    except OSError as error:
-        raise StorageError(
-            f"cannot write {run_dir / planned.path}: {error.strerror or error}"
-        ) from error
-    return _row(job, model, engine, started, path=planned.path, sha256=sha256)
-
-
-def _row(
-    job: Job,
-    model: ModelSource,
-    engine: Engine | None,
-    started: float | None,
-    *,
-    path: str = "",
-    sha256: str = "",
-    error: str = "",
-) -> ManifestRow:
-    return ManifestRow.from_job(
-        job,
-        status="failed" if error else "done",
-        path=path,
-        model_hash=model.short_hash,
-        device=engine.device_label if engine else "",
-        seconds=round(time.perf_counter() - started, 3) if started is not None else 0.0,
-        sha256=sha256,
-        error=error,
-    )
+        images: list[Image.Image | None] = list(engine.render_batch(jobs, inits, recorder))
+        error = ""
+    except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
+        images, error = [None] * len(jobs), f"{type(failure).__name__}: {failure}"
+    seconds = (time.perf_counter() - started) / len(jobs)
+    frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
+    return [
+        FinishedJob(planned, model, image, error, seconds, engine.device_label, len(batch), *frames)
+        for planned, image in zip(batch, images, strict=True)
+    ]
 
 
 class _EngineLoader:
@@ -232,13 +203,6 @@ class _EngineLoader:
         return engine
 
 
-def _describe(job: Job, row: ManifestRow) -> str:
-    what = f"job {job.index} {row.path or job.id}"
-    if row.status == "done":
-        return f"{what} ({job.steps_taken} steps, {row.seconds:.2f}s)"
-    return f"{what} FAILED: {row.error}"
-
-
 def run(
     recipe_path: str | Path,
     *,
@@ -250,6 +214,7 @@ def run(
     quiet: bool = False,
     shard: Shard | None = None,
     redo: Redo | None = None,
+    batch_size: BatchSize = "auto",
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet (with `redo`, also its failed
     jobs only, or every job). Raises RecipeError or BadInputError on bad input and
@@ -285,8 +250,9 @@ def run(
                 )
             for warning in recipe.warnings:
                 reporter.warning(str(warning))
-            plan = _resume(recipe, dtype, shard, redo, reporter)
-            return _run_plan(plan, engine_module.Engine, device, reporter, fail_fast, started)
+            plan = _resume(recipe, dtype, shard, redo, batch_size, reporter)
+            options = RunOptions(fail_fast, batch_size)
+            return _run_plan(plan, engine_module.Engine, device, reporter, options, started)
     finally:
         run_lock.release()
 
@@ -306,17 +272,22 @@ def _log_name(shard: Shard | None) -> str:
 
 
 def _resume(
-    recipe: Recipe, dtype: str, shard: Shard | None, redo: Redo | None, reporter: Reporter
+    recipe: Recipe,
+    dtype: str,
+    shard: Shard | None,
+    redo: Redo | None,
+    batch_size: BatchSize,
+    reporter: Reporter,
 ) -> Plan:
     """What a killed or earlier run left, put in order under the run lock: temp files gone,
     what changed since the last run said, unrecorded images adopted. Returns the plan of
     what is left to make."""
     try:
-        plan = make_plan(recipe, dtype, shard, redo)
+        plan = make_plan(recipe, dtype, shard, redo, batch_size)
     except ManifestError as error:
         raise BadInputError(str(error)) from None
     mine = {recipe.output / planned.path for planned in plan.jobs if planned.mine}
-    mine |= {recipe.output / _strip_path(planned.path) for planned in plan.jobs if planned.mine}
+    mine |= {recipe.output / strip_path(planned.path) for planned in plan.jobs if planned.mine}
     mine.add(_run_lock(recipe.output, shard).holder_path)
     removed = remove_temp_files(recipe.output, lambda path: shard is None or path in mine)
     if removed:
@@ -338,7 +309,7 @@ def _run_plan(
     engine_class: type[Engine],
     device: str,
     reporter: Reporter,
-    fail_fast: bool,
+    options: RunOptions,
     started: float,
 ) -> RunResult:
     recipe, shard = plan.recipe, plan.shard
@@ -361,7 +332,7 @@ def _run_plan(
         engines = _EngineLoader(engine_class, recipe, device, plan.dtype, reporter)
         try:
             made, failed, stopped_by = _make_images(
-                recipe, to_make, manifest, engines, reporter, fail_fast
+                plan, to_make, manifest, engines, reporter, options
             )
         except _Stopped as stop:
             made, failed, storage_error = stop.made, stop.failed, str(stop.error)
@@ -390,13 +361,20 @@ def _adopt_orphans(
 ) -> tuple[list[PlannedJob], int]:
     """Record the images a killed run wrote but did not record; return the jobs still to
     make and how many were adopted."""
-    strip_of = (lambda path: recipe.output / _strip_path(path)) if recipe.intermediates else None
+    strip_of = (lambda path: recipe.output / strip_path(path)) if recipe.intermediates else None
     adopted = orphans(recipe.output, to_make, strip_of)
     for planned in to_make:
         if planned.job.id in adopted:
-            model = recipe.model_of(planned.job)
-            row = _row(
-                planned.job, model, None, None, path=planned.path, sha256=adopted[planned.job.id]
+            row = ManifestRow.from_job(
+                planned.job,
+                status="done",
+                path=planned.path,
+                model_hash=recipe.model_of(planned.job).short_hash,
+                device=adopted[planned.job.id].device,
+                batch_size=adopted[planned.job.id].batch_size,
+                seconds=0.0,  # not recorded
+                sha256=adopted[planned.job.id].sha256,
+                error="",
             )
             manifest.append(row)
     return [p for p in to_make if p.job.id not in adopted], len(adopted)
@@ -411,48 +389,86 @@ class _Stopped(Exception):
 
 
 def _make_images(
-    recipe: Recipe,
+    plan: Plan,
     to_make: list[PlannedJob],
     manifest: Manifest,
     engines: _EngineLoader,
     reporter: Reporter,
-    fail_fast: bool,
+    options: RunOptions,
 ) -> tuple[int, int, int | None]:
-    """The run loop: each job rendered, written and recorded in turn, until the jobs run
-    out, a signal asks to stop, or (with fail_fast) a job fails. Returns made, failed and
-    the signal that stopped it; raises _Stopped when the folder cannot be written."""
+    """The run loop: batch by batch, rendered here and written on the writer's thread,
+    until the batches run out, a signal asks to stop, or (with fail_fast) a job fails.
+    Returns made, failed and the signal that stopped it; raises _Stopped when the folder
+    cannot be written.
+
+    Batches are formed from all of this process's jobs, done or not, so that a resumed run
+    renders each job in the batch an uninterrupted run would have (CPU pixels then match it
+    bit for bit); a batch with anything left to make is rendered whole, and only its jobs
+    to make are written."""
+    recipe = plan.recipe
     _warn_small_images([planned.job for planned in to_make], reporter)
-    made = failed = 0
+    wanted = {planned.job.id for planned in to_make}
+    failed = 0
     reporter.start(len(to_make))
+    writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
     with _stop_on_signals(reporter) as stop:
         try:
-            for planned in to_make:
-                if stop.signal is not None:
-                    break
-                model = recipe.model_of(planned.job)
-                try:
-                    row = _make_image(
-                        engines.load(model), model, recipe.output, planned, recipe.intermediates
-                    )
-                    _append(manifest, row)
-                except StorageError as error:
-                    raise _Stopped(error, made, failed) from error
-                reporter.job_finished(_describe(planned.job, row), row.status == "done")
-                made += row.status == "done"
-                failed += row.status == "failed"
-                if failed and fail_fast:
+            for batch in _batches(plan, engines, options.batch_size):
+                if stop.signal is not None or not any(p.job.id in wanted for p in batch):
+                    continue
+                model = recipe.model_of(batch[0].job)
+                finished = _render_batch(engines.load(model), model, batch, recipe.intermediates)
+                for job in finished:
+                    if job.planned.job.id in wanted:
+                        writer.submit(job)
+                        failed += bool(job.error)
+                if failed and options.fail_fast:
                     reporter.message("stopping at the first failure (--fail-fast)")
                     break
+            writer.close()
+        except StorageError as error:
+            raise _Stopped(error, writer.made, failed) from error
         finally:
             reporter.close()
-    return made, failed, stop.signal
+    return writer.made, failed, stop.signal
 
 
-def _append(manifest: Manifest, row: ManifestRow) -> None:
-    try:
-        manifest.append(row)
-    except OSError as error:  # at most a torn last row, which reading ignores
-        raise StorageError(f"cannot write {manifest.path}: {error.strerror or error}") from error
+def _batches(
+    plan: Plan, engines: _EngineLoader, batch_size: BatchSize
+) -> Iterator[list[PlannedJob]]:
+    """This process's batches, model by model (the outermost axis), formed from the whole
+    matrix as a single run forms them (shards own whole batches: shard.assign). With
+    intermediates every batch holds one job: the recorder follows a single sample."""
+    by_id = {planned.job.id: planned for planned in plan.jobs}
+    for model, group in itertools.groupby(plan.jobs, key=lambda p: plan.recipe.model_of(p.job)):
+        jobs = [planned.job for planned in group]
+        if not any(by_id[job.id].mine for job in jobs):
+            continue
+        if plan.recipe.intermediates:
+            size: int | Callable[[Job], int] = 1
+        elif batch_size == "auto":
+            size = _auto_size(engines, model)
+        else:
+            size = batch_size
+        for batch in make_batches(jobs, size):
+            if by_id[batch[0].id].mine:
+                yield [by_id[job.id] for job in batch]
+
+
+def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], int]:
+    """`--batch-size auto`: by rule on the CPU; on a GPU, measured once per image size with
+    the model loaded (the largest batch that fits its memory)."""
+    if not engines.device.startswith("cuda"):
+        return lambda job: auto_batch_size(engines.device, job.width, job.height)
+
+    @cache
+    def measured(width: int, height: int, job: Job) -> int:
+        from batchgen.engine import probe_cuda_batch_size
+
+        init = _prepared(job.init_image.path, (width, height))
+        return probe_cuda_batch_size(engines.load(model), job, init)
+
+    return lambda job: measured(job.width, job.height, job)
 
 
 def _write_views(run_dir: Path, reporter: Reporter) -> None:

@@ -2,9 +2,8 @@
 
 A shard is the K-th of N disjoint, deterministic slices of the *whole* job matrix — not of what
 is left to do — so every process computes the same split without talking to the others, and a
-re-run with the same N gives each shard the same jobs. Jobs that can share a batch (same
-scheduler, steps, strength and size) stay together where the balance allows; slices are
-balanced by cost, denoising steps × pixels.
+re-run with the same N gives each shard the same jobs. Shards get whole batches (jobs that
+share a denoising loop), balanced by cost, denoising steps × pixels.
 
 Where the shard comes from, first match wins: `--shard K/N`; a launcher's rank and world size
 (`accelerate launch`, `torchrun`: RANK / WORLD_SIZE); a Slurm job array
@@ -14,13 +13,12 @@ Where the shard comes from, first match wins: `--shard K/N`; a launcher's rank a
 from __future__ import annotations
 
 import heapq
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from batchgen.batching import make_batches
 from batchgen.job import Job
-from batchgen.schedulers import scheduler_spec
 
 
 class ShardError(ValueError):
@@ -74,34 +72,24 @@ def launcher_device(resolved: str, env: Mapping[str, str] = os.environ) -> str:
     return resolved
 
 
-def batch_key(job: Job) -> tuple[object, ...]:
-    """What jobs must share to run in one batch of UNet calls."""
-    scheduler = scheduler_spec(job.scheduler).canonical
-    return (scheduler, job.steps_nominal, job.strength, job.width, job.height, job.model)
-
-
 def cost(job: Job) -> int:
     return max(job.steps_taken, 1) * job.width * job.height
 
 
-def assign(jobs: Sequence[Job], count: int) -> list[int]:
-    """The shard index of each job. Groups of batchable jobs are cut into chunks of at most
-    a 1/count share of the group, then the chunks go, the costliest first, to the shard with
-    the least work so far (ties to the lowest index): deterministic, balanced, and batchable
-    jobs stay together."""
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for position, job in enumerate(jobs):
-        groups.setdefault(batch_key(job), []).append(position)
-    chunks: list[list[int]] = []
-    for members in groups.values():
-        size = math.ceil(len(members) / count)
-        chunks += [members[start : start + size] for start in range(0, len(members), size)]
+def assign(jobs: Sequence[Job], count: int, unit: int) -> list[int]:
+    """The shard index of each job. Jobs go in whole batches of `unit` (`make_batches` over
+    the whole matrix; `unit` is a multiple of any batch size the run may choose, so no batch
+    of a run straddles two shards and a sharded run renders each job in the batch a single
+    run would), the costliest first, to the shard with the least work so far (ties to the
+    lowest index): deterministic and balanced."""
+    position = {job.id: index for index, job in enumerate(jobs)}
+    chunks = [[position[job.id] for job in batch] for batch in make_batches(jobs, unit)]
     chunks.sort(key=lambda chunk: (-sum(cost(jobs[p]) for p in chunk), chunk[0]))
     loads = [(0, shard) for shard in range(count)]
     owner = [0] * len(jobs)
     for chunk in chunks:
         load, shard = heapq.heappop(loads)
-        for position in chunk:
-            owner[position] = shard
+        for index in chunk:
+            owner[index] = shard
         heapq.heappush(loads, (load + sum(cost(jobs[p]) for p in chunk), shard))
     return owner

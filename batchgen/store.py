@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,16 +192,23 @@ def job_record(job: Job) -> dict[str, Any]:
     }
 
 
-def write_image(image: Image.Image, path: Path, job: Job, parameters: str) -> str:
-    """Write `image` as a PNG carrying `parameters` (A1111) and `batchgen` (the job record)
-    text chunks, atomically; return the sha256 of the file's bytes.
+def write_image(
+    image: Image.Image,
+    path: Path,
+    job: Job,
+    parameters: str,
+    made_with: Mapping[str, object] | None = None,
+) -> str:
+    """Write `image` as a PNG carrying `parameters` (A1111) and `batchgen` (the job record,
+    plus `made_with`: the device and batch size, which a run adopting the image after a kill
+    reads back) text chunks, atomically; return the sha256 of the file's bytes.
 
     Deterministic: the same pixels and texts give the same bytes (no timestamp chunk).
     Text that is not Latin-1 goes into an iTXt chunk (Pillow's choice), which A1111 reads too.
     """
     info = PngInfo()
     info.add_text("parameters", parameters)
-    info.add_text("batchgen", json.dumps(job_record(job)))
+    info.add_text("batchgen", json.dumps(job_record(job) | dict(made_with or {})))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     data = buffer.getvalue()
@@ -247,6 +255,7 @@ class ManifestRow:
     model_hash: str
     dtype: str
     device: str
+    batch_size: int  # jobs in its denoising loop (pixels move within a level with it); 0: unknown
     seconds: float
     sha256: str  # of the image file; "" when failed
     error: str  # "ExceptionType: message" when failed
@@ -265,6 +274,7 @@ class ManifestRow:
         seconds: float,
         sha256: str,
         error: str,
+        batch_size: int = 1,
     ) -> ManifestRow:
         record = job_record(job)
         return cls(
@@ -273,6 +283,7 @@ class ManifestRow:
             path=path,
             model_hash=model_hash,
             device=device,
+            batch_size=batch_size,
             seconds=seconds,
             sha256=sha256,
             error=error,

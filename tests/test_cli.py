@@ -56,8 +56,25 @@ def invoke(*args: str) -> tuple[int, str]:
 
 
 def manifest(run_dir: Path) -> list[dict[str, str]]:
+    """manifest.csv's rows in job order: they are written as batches finish, and a batch
+    holds the jobs that share a denoising loop (here: the same strength)."""
     with (run_dir / "manifest.csv").open(newline="") as file:
-        return list(csv.DictReader(file))
+        return sorted(csv.DictReader(file), key=lambda row: int(row["index"]))
+
+
+def fail_batches_with(monkeypatch: pytest.MonkeyPatch, index: int, message: str) -> None:
+    """Make rendering fail, as a GPU running out of memory would, for the batch that holds
+    job `index` (run with --batch-size 1 to fail that job alone)."""
+    from batchgen.engine import Engine
+
+    real_render_batch = Engine.render_batch
+
+    def render_batch(self, jobs, inits, on_step=None):  # type: ignore[no-untyped-def]
+        if any(job.index == index for job in jobs):
+            raise RuntimeError(message)
+        return real_render_batch(self, jobs, inits, on_step)
+
+    monkeypatch.setattr(Engine, "render_batch", render_batch)
 
 
 def test_version_and_help_with_examples() -> None:
@@ -92,7 +109,7 @@ def test_run_writes_images_manifest_lock_and_log(recipe: Path) -> None:
         "pictures/gradient.png"
     )
     log = (run_dir / "run.log").read_text()
-    assert "[4/4] job 4" in log and "4 made, 0 failed" in log
+    assert "[4/4] job " in log and "4 made, 0 failed" in log
     assert "[1/4] job 1 images/0001-gradient-fire-f0.00-s4-S7.png" in output  # not a TTY: lines
     assert (run_dir / "grids" / "strength-x-prompt.png").is_file()
     report = (run_dir / "report.html").read_text()
@@ -126,38 +143,34 @@ def test_rerun_redoes_nothing_and_a_fresh_run_is_bit_identical(recipe: Path, tmp
 def test_a_failing_job_is_recorded_and_the_run_goes_on(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen.engine import Engine
-
-    real_render = Engine.render
-
-    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
-        if job.index == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_render(self, job, init, **options)
-
-    monkeypatch.setattr(Engine, "render", render)
-    code, output = invoke("run", str(recipe))
+    with monkeypatch.context() as patched:
+        fail_batches_with(patched, 2, "CUDA out of memory (simulated)")
+        code, output = invoke("run", str(recipe), "--batch-size", "1")
     assert code == 1
     rows = manifest(recipe.parent / "out")
     assert [row["status"] for row in rows] == ["done", "failed", "done", "done"]
     assert rows[1]["error"] == "RuntimeError: CUDA out of memory (simulated)"
     assert "FAILED" in output
 
-    monkeypatch.setattr(Engine, "render", real_render)
     code, output = invoke("run", str(recipe))  # the failed job is retried, the rest kept
     assert code == 0 and "1 made, 0 failed, 3 already done" in output
+
+
+def test_a_failing_batch_fails_each_of_its_jobs(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_batches_with(monkeypatch, 2, "CUDA out of memory (simulated)")
+    code, _ = invoke("run", str(recipe), "--batch-size", "2")
+    assert code == 1
+    statuses = [(row["strength"], row["status"]) for row in manifest(recipe.parent / "out")]
+    assert statuses == [("0.0", "done"), ("0.5", "failed"), ("0.0", "done"), ("0.5", "failed")]
 
 
 def test_fail_fast_stops_at_the_first_failure(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen.engine import Engine
-
-    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
-        raise RuntimeError("broken")
-
-    monkeypatch.setattr(Engine, "render", render)
-    code, output = invoke("run", str(recipe), "--fail-fast")
+    fail_batches_with(monkeypatch, 1, "broken")
+    code, output = invoke("run", str(recipe), "--fail-fast", "--batch-size", "1")
     assert code == 1 and "--fail-fast" in output
     assert len(manifest(recipe.parent / "out")) == 1
 
@@ -220,7 +233,7 @@ def test_validate_does_not_import_torch(recipe: Path) -> None:
     assert not imports_torch("validate", str(recipe))
 
 
-def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Path) -> None:
+def test_sigint_stops_after_the_current_batch_and_a_rerun_finishes(tmp_path: Path) -> None:
     (tmp_path / "pictures").mkdir()
     gradient(tmp_path / "pictures" / "gradient.png")
     recipe = tmp_path / "many.yaml"
@@ -228,6 +241,7 @@ def test_sigint_stops_after_the_current_image_and_a_rerun_finishes(tmp_path: Pat
         RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 10}").replace("[0.0, 0.5]", "0.75")
     )
     command = [sys.executable, "-m", "batchgen", "run", str(recipe), "-o", str(tmp_path / "o")]
+    command += ["--batch-size", "4"]  # five batches: the signal lands before the last
     process = subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

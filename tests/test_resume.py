@@ -16,7 +16,7 @@ from PIL import Image
 
 from batchgen.runlock import RunLock
 from batchgen.store import LOCK_FILE_NAME, Manifest
-from tests.test_cli import invoke, manifest
+from tests.test_cli import fail_batches_with, invoke, manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -173,26 +173,17 @@ def test_changed_model_weights_behind_the_same_name_are_a_loud_warning(
 def test_redo_failed_makes_only_the_failed_jobs_and_redo_all_every_job(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen.engine import Engine
-
-    real_render = Engine.render
-
-    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
-        if job.index == 2:
-            raise RuntimeError("simulated")
-        return real_render(self, job, init, **options)
-
-    monkeypatch.setattr(Engine, "render", render)
-    assert invoke("run", str(recipe))[0] == 1
-    monkeypatch.setattr(Engine, "render", real_render)
+    with monkeypatch.context() as patched:
+        fail_batches_with(patched, 2, "simulated")
+        assert invoke("run", str(recipe), "--batch-size", "1")[0] == 1
     recipe.write_text(recipe.read_text().replace("seeds: [7]", "seeds: [7, 8]"))
-    code, output = invoke("run", str(recipe), "--redo", "failed")
+    code, output = invoke("run", str(recipe), "--redo", "failed", "--batch-size", "1")
     assert code == 0 and "1 made, 0 failed" in output  # the 4 new jobs wait
     code, output = invoke("plan", str(recipe), "--redo", "all")
     assert "--redo all makes 8" in output
     run_dir = recipe.parent / "out"
     before = pixels(run_dir)
-    code, output = invoke("run", str(recipe), "--redo", "all")
+    code, output = invoke("run", str(recipe), "--redo", "all", "--batch-size", "1")
     assert code == 0 and "8 made, 0 failed" in output
     after = pixels(run_dir)
     assert len(after) == 8 and all(np.array_equal(after[name], p) for name, p in before.items())

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from batchgen.batching import make_batches
 from batchgen.matrix import expand
 from batchgen.recipe import load_recipe
 from batchgen.shard import (
     Shard,
     ShardError,
     assign,
-    batch_key,
     cost,
     launcher_device,
     parse_shard,
@@ -62,30 +62,22 @@ def test_launchers_and_slurm_arrays_give_the_shard() -> None:
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
 def test_shards_are_disjoint_complete_deterministic_and_balanced(tmp_path: Path, count: int):
     all_jobs = jobs(tmp_path)
-    owners = assign(all_jobs, count)
-    assert owners == assign(all_jobs, count)
+    owners = assign(all_jobs, count, 4)
+    assert owners == assign(all_jobs, count, 4)
     assert set(owners) == set(range(count))
     loads = [
         sum(cost(j) for j, o in zip(all_jobs, owners, strict=True) if o == s) for s in range(count)
     ]
-    biggest_chunk = max(cost(j) for j in all_jobs) * -(-8 // count) * 3
+    biggest_chunk = max(cost(j) for j in all_jobs) * 4  # a batch of the unit, 4
     assert max(loads) - min(loads) <= biggest_chunk
 
 
-def test_batchable_jobs_stay_together_when_groups_are_large(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", [1, 4, 16])
+def test_shards_own_whole_batches(tmp_path: Path, unit: int) -> None:
     all_jobs = jobs(tmp_path)
-    owners = assign(all_jobs, 2)
-    groups: dict[tuple[object, ...], set[int]] = {}
-    for job, owner in zip(all_jobs, owners, strict=True):
-        groups.setdefault(batch_key(job), set()).add(owner)
-    # 18 groups of 24 jobs: each is cut in two halves at most, never scattered.
-    for job_group in groups.values():
-        assert len(job_group) <= 2
-    halves = [
-        sum(1 for j, o in zip(all_jobs, owners, strict=True) if batch_key(j) == key and o == 0)
-        for key in groups
-    ]
-    assert all(half in (0, 12, 24) for half in halves)
+    owners = dict(zip((job.id for job in all_jobs), assign(all_jobs, 3, unit), strict=True))
+    for batch in make_batches(all_jobs, unit):
+        assert len({owners[job.id] for job in batch}) == 1
 
 
 def test_two_processes_under_torchrun_make_exactly_the_images_of_one_run(tmp_path: Path):

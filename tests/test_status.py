@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchgen.runlock import RunLock
-from tests.test_cli import imports_torch, invoke
+from tests.test_cli import fail_batches_with, imports_torch, invoke
 from tests.test_resume import done, recipe  # noqa: F401 — fixtures
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,17 +18,8 @@ def test_status_counts_failures_time_and_what_is_left(
     recipe: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from batchgen.engine import Engine
-
-    real_render = Engine.render
-
-    def render(self, job, init, **options):  # type: ignore[no-untyped-def]
-        if job.index == 3:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_render(self, job, init, **options)
-
-    monkeypatch.setattr(Engine, "render", render)
-    invoke("run", str(recipe))
+    fail_batches_with(monkeypatch, 3, "CUDA out of memory (simulated)")
+    invoke("run", str(recipe), "--batch-size", "1")
     recipe.write_text(recipe.read_text().replace("seeds: [7]", "seeds: [7, 8]"))
     code, output = invoke("status", str(recipe.parent / "out"))
     assert code == 0, output
