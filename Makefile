@@ -2,6 +2,7 @@
 #   make run    venv + install + run recipes/example.yaml on builtin:tiny
 #   make test   venv + install + Chromium when possible (report.html's browser test) + the suite
 #   make test-slow   the long tests (30 kills of a real run)
+#   make bench  batchgen against a plain diffusers loop (benchmarks/sweep.py)
 #   make lint   ruff + mypy
 # Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url <cuda index>"`.
 
@@ -11,7 +12,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow browser lint format tiny-model clean
+.PHONY: setup run test test-slow bench browser lint format tiny-model clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,10 @@ test: setup browser
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
+
+# The same sweep as a plain diffusers loop and through batchgen; figures in benchmarks/RESULTS.md.
+bench: setup
+	$(BIN)/python benchmarks/sweep.py
 
 # tests/test_report.py opens report.html in headless Chromium: install Debian's package when
 # no Chromium is on PATH (CI runs as root); where it cannot be installed that test is skipped.
