@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import click
 from rich import box
@@ -251,7 +251,7 @@ def run(
       accelerate launch --num_processes 4 -m batchgen run sweep.yaml
     """
     if dry_run:
-        _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, False)
+        _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, show_all=False)
         click.echo("dry run: nothing was made")
         return
     from batchgen.runlock import RunLockedError
@@ -288,17 +288,7 @@ def run(
 @recipe_with_run_options
 @redo_option
 @click.option("--all", "show_all", is_flag=True, help="List every job, not the first 50.")
-def plan(
-    recipe: Path,
-    device: str,
-    dtype: str | None,
-    output: Path | None,
-    max_jobs: int,
-    shard: Shard | None,
-    batch_size: int | Literal["auto"],
-    redo: Redo | None,
-    show_all: bool,
-) -> None:
+def plan(**options: Any) -> None:
     """Show RECIPE's jobs, what is done and what a run would do. Loads no model.
 
     \b
@@ -306,7 +296,7 @@ def plan(
       batchgen plan recipes/example.yaml
       batchgen plan sweep.yaml --shard 1/4    # which jobs the first of four shards runs
     """
-    _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, show_all)
+    _show_plan(**options)  # `run --dry-run` shows the same
 
 
 def _show_plan(

@@ -39,13 +39,18 @@ def gradient(path: Path, size: tuple[int, int] = (64, 48)) -> None:
     Image.fromarray(rgb.astype(np.uint8)).save(path)
 
 
+def write_recipe(folder: Path, text: str, name: str = "small") -> Path:
+    """`text` as folder/<name>.yaml, output to folder/out, with the gradient it names."""
+    (folder / "pictures").mkdir()
+    gradient(folder / "pictures" / "gradient.png")
+    path = folder / f"{name}.yaml"
+    path.write_text(text + f"output: {folder / 'out'}\n")
+    return path
+
+
 @pytest.fixture
 def recipe(tmp_path: Path) -> Path:
-    (tmp_path / "pictures").mkdir()
-    gradient(tmp_path / "pictures" / "gradient.png")
-    path = tmp_path / "small.yaml"
-    path.write_text(RECIPE + f"output: {tmp_path / 'out'}\n")
-    return path
+    return write_recipe(tmp_path, RECIPE)
 
 
 def invoke(*args: str) -> tuple[int, str]:

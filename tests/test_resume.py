@@ -16,7 +16,7 @@ from PIL import Image
 
 from batchgen.runlock import RunLock
 from batchgen.store import LOCK_FILE_NAME, Manifest
-from tests.test_cli import fail_batches_with, invoke, manifest
+from tests.test_cli import fail_batches_with, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,13 +33,7 @@ seeds: [7]
 
 @pytest.fixture
 def recipe(tmp_path: Path) -> Path:
-    from tests.test_cli import gradient
-
-    (tmp_path / "pictures").mkdir()
-    gradient(tmp_path / "pictures" / "gradient.png")
-    path = tmp_path / "resume.yaml"
-    path.write_text(RECIPE + f"output: {tmp_path / 'out'}\n")
-    return path
+    return write_recipe(tmp_path, RECIPE, "resume")
 
 
 @pytest.fixture

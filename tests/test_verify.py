@@ -373,15 +373,21 @@ def test_verify_does_not_import_torch(reference: Path) -> None:
 # --- end to end ----------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_two_cpu_runs_of_a_recipe_verify_exactly(tmp_path: Path) -> None:
-    (tmp_path / "pictures").mkdir()
-    Image.fromarray(picture(0)).resize((64, 64)).save(tmp_path / "pictures" / "drawing.png")
-    recipe = tmp_path / "tiny.yaml"
+def tiny_recipe(folder: Path, seeds: str) -> Path:
+    """A recipe of a few 64 px jobs on builtin:tiny, in `folder`."""
+    (folder / "pictures").mkdir()
+    Image.fromarray(picture(0)).resize((64, 64)).save(folder / "pictures" / "drawing.png")
+    recipe = folder / "tiny.yaml"
     recipe.write_text(
         "init_images: [pictures/drawing.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
-        "seeds: [7, 8]\n"
+        f"seeds: {seeds}\n"
     )
+    return recipe
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_two_cpu_runs_of_a_recipe_verify_exactly(tmp_path: Path) -> None:
+    recipe = tiny_recipe(tmp_path, "[7, 8]")
     for name in ("first", "second"):
         code, output = invoke("run", recipe, "--output", tmp_path / name, "--quiet")
         assert code == 0, output
@@ -394,13 +400,7 @@ def test_two_cpu_runs_of_a_recipe_verify_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_run_verify_against_checks_the_run_it_just_made(tmp_path: Path) -> None:
-    (tmp_path / "pictures").mkdir()
-    Image.fromarray(picture(1)).resize((64, 64)).save(tmp_path / "pictures" / "drawing.png")
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(
-        "init_images: [pictures/drawing.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
-        "seeds: [7]\n"
-    )
+    recipe = tiny_recipe(tmp_path, "[7]")
     assert invoke("run", recipe, "--output", tmp_path / "reference", "--quiet")[0] == 0
 
     code, output = invoke(
