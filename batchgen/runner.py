@@ -413,19 +413,23 @@ def _make_images(
     writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
     with _stop_on_signals(reporter) as stop:
         try:
-            for batch in _batches(plan, engines, options.batch_size):
-                if stop.signal is not None or not any(p.job.id in wanted for p in batch):
-                    continue
-                model = recipe.model_of(batch[0].job)
-                finished = _render_batch(engines.load(model), model, batch, recipe.intermediates)
-                for job in finished:
-                    if job.planned.job.id in wanted:
-                        writer.submit(job)
-                        failed += bool(job.error)
-                if failed and options.fail_fast:
-                    reporter.message("stopping at the first failure (--fail-fast)")
-                    break
-            writer.close()
+            try:
+                for batch in _batches(plan, engines, options.batch_size):
+                    if stop.signal is not None:
+                        break
+                    if not any(planned.job.id in wanted for planned in batch):
+                        continue
+                    model = recipe.model_of(batch[0].job)
+                    engine = engines.load(model)
+                    for job in _render_batch(engine, model, batch, recipe.intermediates):
+                        if job.planned.job.id in wanted:
+                            writer.submit(job)
+                            failed += bool(job.error)
+                    if failed and options.fail_fast:
+                        reporter.message("stopping at the first failure (--fail-fast)")
+                        break
+            finally:  # whatever stops the loop, what was rendered is written and recorded
+                writer.close()
         except StorageError as error:
             raise _Stopped(error, writer.made, failed) from error
         finally:
