@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchgen import __version__
-from batchgen.devices import DTYPES, default_dtype, guess_device
+from batchgen.devices import DTYPES, FastPaths, default_dtype, guess_device
 from batchgen.grid import GridError, make_grids, run_specs, spec_from_options
 from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
@@ -217,6 +218,16 @@ redo_option = click.option(
     help="After the run, check its images against a reference run as `batchgen verify` does "
     "(for CI); exit 1 when they do not match.",
 )
+@click.option(
+    "--fast",
+    "fast_paths",
+    multiple=True,
+    type=click.Choice([field.name for field in fields(FastPaths)]),
+    help="Opt-in speed-ups, repeatable; each changes pixels within a tolerance and is recorded "
+    "in the manifest's fast_paths column: channels_last, compile (torch.compile of the UNet: "
+    "minutes of warm-up per batch shape, then faster), vae_tiling and vae_slicing (less "
+    "memory for large images and batches), tf32 (Ampere+ GPUs).",
+)
 @comparison_options
 def run(
     recipe: Path,
@@ -230,6 +241,7 @@ def run(
     fail_fast: bool,
     quiet: bool,
     batch_size: int | Literal["auto"],
+    fast_paths: tuple[str, ...],
     reference: Path | None,
     max_diff: int | None,
     min_psnr: float | None,
@@ -270,6 +282,7 @@ def run(
             shard=shard,
             redo=redo,
             batch_size=batch_size,
+            fast_paths=FastPaths(**dict.fromkeys(fast_paths, True)),
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None

@@ -6,6 +6,7 @@ driver's files; `run` resolves the device with torch itself (engine.resolve_devi
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -22,3 +23,23 @@ def default_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     return "float16" if device.startswith("cuda") else "float32"
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Speed-ups that change pixels within a tolerance, all off unless asked for; the
+    manifest's `fast_paths` column names those that were on. (SDPA attention is torch 2's and
+    diffusers' default, and the dtype is part of the job itself.)"""
+
+    channels_last: bool = False  # UNet and VAE in NHWC: faster convolutions on tensor cores
+    compile: bool = False  # torch.compile of the UNet: minutes of warm-up per shape, then faster
+    vae_tiling: bool = False  # decode/encode large images tile by tile: less memory
+    vae_slicing: bool = False  # decode a batch one image at a time: less memory
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere and later GPUs
+
+    def __str__(self) -> str:
+        """The ones on, comma-separated: what the manifest records ("" for none)."""
+        return ",".join(field.name for field in fields(self) if getattr(self, field.name))
+
+
+NO_FAST_PATHS = FastPaths()

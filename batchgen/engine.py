@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from batchgen.batching import auto_batch_size, batch_key
-from batchgen.devices import DTYPES, default_dtype
+from batchgen.devices import DTYPES, NO_FAST_PATHS, FastPaths, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
 from batchgen.loading import load_components
@@ -156,6 +156,7 @@ class Engine:
         *,
         vae: ModelSource | None = None,
         variant: str | None = None,
+        fast_paths: FastPaths = NO_FAST_PATHS,
     ) -> None:
         started = time.perf_counter()
         _silence_libraries()
@@ -168,6 +169,8 @@ class Engine:
         self.text_encoder = components.text_encoder
         self.vae = components.vae
         self.unet = components.unet
+        self.fast_paths = fast_paths
+        self._apply_fast_paths()
         # The model's own scheduler config; each job builds its scheduler class from it.
         self.scheduler_config = components.scheduler_config
         # As the pipeline: the VAE halves the size once per down block but the last.
@@ -179,6 +182,23 @@ class Engine:
             POSTERIOR_CACHE_ENTRIES
         )
         self.load_seconds = time.perf_counter() - started
+
+    def _apply_fast_paths(self) -> None:
+        fast = self.fast_paths
+        if fast.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if fast.vae_tiling:
+            self.vae.enable_tiling()
+        if fast.vae_slicing:
+            self.vae.enable_slicing()
+        if fast.tf32:  # process-wide: one model runs at a time
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if fast.compile:
+            # Compiled lazily at the first call of each batch shape; `fullgraph` so that a
+            # graph break shows as an error instead of a silent slowdown.
+            self.unet = torch.compile(self.unet, fullgraph=True)
 
     @property
     def device_label(self) -> str:

@@ -57,6 +57,7 @@ class Orphan:
     sha256: str
     device: str
     batch_size: int
+    fast_paths: str
 
 
 def orphans(
@@ -75,6 +76,9 @@ def orphans(
         record = embedded_record(image)
         if record and record.get("id") == job.job.id and (sha256 := file_sha256(image)):
             adopted[job.job.id] = Orphan(
-                sha256, str(record.get("device", "")), int(record.get("batch_size", 0))
+                sha256,
+                str(record.get("device", "")),
+                int(record.get("batch_size", 0)),
+                str(record.get("fast_paths", "")),
             )
     return adopted

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from PIL import Image
 
 from batchgen.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
+from batchgen.devices import NO_FAST_PATHS, FastPaths
 from batchgen.grid import make_grids, run_specs
 from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage, prepare
 from batchgen.intermediates import IntermediatesRecorder
@@ -68,6 +69,7 @@ BatchSize = int | Literal["auto"]
 class RunOptions:
     fail_fast: bool
     batch_size: BatchSize  # jobs per denoising loop, or "auto": see batching.auto_batch_size
+    fast_paths: FastPaths
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,17 @@ def _render_batch(
     seconds = (time.perf_counter() - started) / len(jobs)
     frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
     return [
-        FinishedJob(planned, model, image, error, seconds, engine.device_label, len(batch), *frames)
+        FinishedJob(
+            planned,
+            model,
+            image,
+            error,
+            seconds,
+            engine.device_label,
+            len(batch),
+            str(engine.fast_paths),
+            *frames,
+        )
         for planned, image in zip(batch, images, strict=True)
     ]
 
@@ -171,6 +183,7 @@ class _EngineLoader:
         recipe: Recipe,
         device: str,
         dtype: str,
+        options: RunOptions,
         reporter: Reporter,
     ) -> None:
         self.engine_class = engine_class
@@ -178,6 +191,7 @@ class _EngineLoader:
         self.variant = recipe.variant
         self.device = device
         self.dtype = dtype
+        self.fast_paths = options.fast_paths
         self.reporter = reporter
         self.model: ModelSource | None = None
         self.engine: Engine | None = None
@@ -188,7 +202,12 @@ class _EngineLoader:
         self.engine = None  # let the previous model go before the next one loads
         try:
             engine = self.engine_class(
-                model, self.device, self.dtype, vae=self.vae, variant=self.variant
+                model,
+                self.device,
+                self.dtype,
+                vae=self.vae,
+                variant=self.variant,
+                fast_paths=self.fast_paths,
             )
         except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
             raise BadInputError(
@@ -196,9 +215,10 @@ class _EngineLoader:
                 f"{type(error).__name__}: {error}"
             ) from error
         self.model, self.engine = model, engine
+        settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths))))
         self.reporter.message(
             f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
-            f"{engine.device_label} ({self.dtype})"
+            f"{engine.device_label} ({settings})"
         )
         return engine
 
@@ -215,6 +235,7 @@ def run(
     shard: Shard | None = None,
     redo: Redo | None = None,
     batch_size: BatchSize = "auto",
+    fast_paths: FastPaths = NO_FAST_PATHS,
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet (with `redo`, also its failed
     jobs only, or every job). Raises RecipeError or BadInputError on bad input and
@@ -251,7 +272,7 @@ def run(
             for warning in recipe.warnings:
                 reporter.warning(str(warning))
             plan = _resume(recipe, dtype, shard, redo, batch_size, reporter)
-            options = RunOptions(fail_fast, batch_size)
+            options = RunOptions(fail_fast, batch_size, fast_paths)
             return _run_plan(plan, engine_module.Engine, device, reporter, options, started)
     finally:
         run_lock.release()
@@ -329,7 +350,7 @@ def _run_plan(
             f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(to_make)} to do, "
             f"{done_before} already done"
         )
-        engines = _EngineLoader(engine_class, recipe, device, plan.dtype, reporter)
+        engines = _EngineLoader(engine_class, recipe, device, plan.dtype, options, reporter)
         try:
             made, failed, stopped_by = _make_images(
                 plan, to_make, manifest, engines, reporter, options
@@ -372,6 +393,7 @@ def _adopt_orphans(
                 model_hash=recipe.model_of(planned.job).short_hash,
                 device=adopted[planned.job.id].device,
                 batch_size=adopted[planned.job.id].batch_size,
+                fast_paths=adopted[planned.job.id].fast_paths,
                 seconds=0.0,  # not recorded
                 sha256=adopted[planned.job.id].sha256,
                 error="",

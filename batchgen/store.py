@@ -256,6 +256,7 @@ class ManifestRow:
     dtype: str
     device: str
     batch_size: int  # jobs in its denoising loop (pixels move within a level with it); 0: unknown
+    fast_paths: str  # the speed-ups that were on (devices.FastPaths), comma-separated
     seconds: float
     sha256: str  # of the image file; "" when failed
     error: str  # "ExceptionType: message" when failed
@@ -275,6 +276,7 @@ class ManifestRow:
         sha256: str,
         error: str,
         batch_size: int = 1,
+        fast_paths: str = "",
     ) -> ManifestRow:
         record = job_record(job)
         return cls(
@@ -284,6 +286,7 @@ class ManifestRow:
             model_hash=model_hash,
             device=device,
             batch_size=batch_size,
+            fast_paths=fast_paths,
             seconds=seconds,
             sha256=sha256,
             error=error,

@@ -44,6 +44,7 @@ class FinishedJob:
     seconds: float  # its share of its batch's render time
     device: str
     batch_size: int  # jobs in its denoising loop
+    fast_paths: str  # the speed-ups that were on
     frames: tuple[Frame, ...] = ()  # intermediates, when the recipe asks for them
     frames_note: str = ""
 
@@ -64,7 +65,11 @@ def write_finished(run_dir: Path, finished: FinishedJob) -> ManifestRow:
     if finished.image is not None:
         try:
             parameters = a1111_parameters(job, finished.model.name, finished.model.short_hash)
-            made_with = {"device": finished.device, "batch_size": finished.batch_size}
+            made_with = {
+                "device": finished.device,
+                "batch_size": finished.batch_size,
+                "fast_paths": finished.fast_paths,
+            }
             sha256 = write_image(finished.image, run_dir / path, job, parameters, made_with)
             if finished.frames:  # before the row: a done row means its strip exists too
                 write_strip(
@@ -87,6 +92,7 @@ def write_finished(run_dir: Path, finished: FinishedJob) -> ManifestRow:
         sha256=sha256,
         error=finished.error,
         batch_size=finished.batch_size,
+        fast_paths=finished.fast_paths,
     )
 
 

@@ -367,3 +367,21 @@ def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
         "grid", str(recipe.parent / "out"), "--x", "prompt", "--where", "model=./other-model"
     )
     assert code == 0 and "prompt" in output
+
+
+def test_fast_paths_are_opt_in_recorded_and_change_pixels_within_a_level(
+    recipe: Path, tmp_path: Path
+) -> None:
+    assert invoke("run", str(recipe))[0] == 0
+    fast = ("--fast", "channels_last", "--fast", "vae_slicing", "--fast", "vae_tiling")
+    code, output = invoke("run", str(recipe), "--output", str(tmp_path / "fast"), *fast)
+    assert code == 0, output
+    assert "(float32, channels_last,vae_tiling,vae_slicing)" in output
+    plain, fast_rows = manifest(recipe.parent / "out"), manifest(tmp_path / "fast")
+    assert {row["fast_paths"] for row in plain} == {""}
+    assert {row["fast_paths"] for row in fast_rows} == {"channels_last,vae_tiling,vae_slicing"}
+    for before, after in zip(plain, fast_rows, strict=True):
+        assert before["id"] == after["id"]  # the same jobs: fast paths are not part of an id
+        first = np.asarray(Image.open(recipe.parent / "out" / before["path"]), np.int16)
+        second = np.asarray(Image.open(tmp_path / "fast" / after["path"]), np.int16)
+        assert np.abs(first - second).max() <= 1

@@ -236,7 +236,8 @@ def test_manifest_columns_are_in_the_documented_order() -> None:
         "negative_prompt", "strength", "steps", "steps_mode", "steps_nominal", "steps_taken",
         "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "model", "vae",
         "model_hash", "dtype",
-        "device", "batch_size", "seconds", "sha256", "error", "finished_at", "batchgen_version",
+        "device", "batch_size", "fast_paths", "seconds", "sha256", "error", "finished_at",
+        "batchgen_version",
     )  # fmt: skip
 
 
