@@ -35,7 +35,7 @@ test-slow: setup
 
 # The same sweep as a plain diffusers loop and through batchgen; figures in benchmarks/RESULTS.md.
 bench: setup
-	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/sweep.py --repeat 2
 
 # tests/test_report.py opens report.html in headless Chromium: install Debian's package when
 # no Chromium is on PATH (CI runs as root); where it cannot be installed that test is skipped.

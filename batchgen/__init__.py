@@ -4,10 +4,26 @@
 `expand` give the recipe and its jobs without touching torch.
 """
 
+from typing import Any
+
 __version__ = "0.2.0"
 
-from batchgen.matrix import expand  # noqa: E402
-from batchgen.recipe import load_recipe  # noqa: E402
-from batchgen.runner import run  # noqa: E402
-
 __all__ = ["__version__", "expand", "load_recipe", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use: `batchgen plan` and `validate` start faster without the run
+    loop's modules (grids, report, rich) that they never use."""
+    if name == "run":
+        from batchgen.runner import run
+
+        return run
+    if name == "expand":
+        from batchgen.matrix import expand
+
+        return expand
+    if name == "load_recipe":
+        from batchgen.recipe import load_recipe
+
+        return load_recipe
+    raise AttributeError(f"module 'batchgen' has no attribute {name!r}")

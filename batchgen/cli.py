@@ -20,7 +20,6 @@ from rich.table import Table
 
 from batchgen import __version__
 from batchgen.devices import DTYPES, FastPaths, default_dtype, guess_device
-from batchgen.grid import GridError, make_grids, run_specs, spec_from_options
 from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
@@ -29,13 +28,11 @@ from batchgen.plan import Plan, Redo, make_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import AxisName, recipe_json_schema
-from batchgen.report import write_report
 from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.status import NotARunFolderError, run_status
 from batchgen.status import describe as describe_status
 from batchgen.store import ManifestError, read_lock_file
-from batchgen.verify import Tolerance, VerifyError, print_report, verify_run
 
 EXIT_BAD_INPUT = 2
 
@@ -548,6 +545,8 @@ def grid(
       batchgen grid outputs/example --x strength --y prompt --show-init
       batchgen grid outputs/sweep --x cfg --y seed --where prompt=fire
     """
+    from batchgen.grid import GridError, make_grids, run_specs, spec_from_options  # drawing: slow
+
     if not x and (y or z or where):
         raise click.UsageError("--y, --z and --where need --x")
     try:
@@ -585,6 +584,8 @@ def report(run_dir: Path) -> None:
     Example:
       batchgen report outputs/example
     """
+    from batchgen.report import write_report  # with the grid module: slow to import
+
     try:
         click.echo(write_report(run_dir))
     except (FileNotFoundError, ManifestError) as error:
@@ -637,6 +638,8 @@ def _verify(
     min_psnr: float | None,
     diff_dir: Path | None,
 ) -> bool:
+    from batchgen.verify import Tolerance, VerifyError, print_report, verify_run  # numpy: slow
+
     try:
         verification = verify_run(
             run_dir, reference, Tolerance.from_options(max_diff, min_psnr), diff_dir
