@@ -47,13 +47,13 @@ browser:
 	  >/dev/null 2>&1 || echo "chromium not installable: the browser test will be skipped"
 
 lint: setup
-	$(BIN)/ruff check batchgen tests tools
-	$(BIN)/ruff format --check batchgen tests tools
+	$(BIN)/ruff check batchgen tests tools benchmarks
+	$(BIN)/ruff format --check batchgen tests tools benchmarks
 	$(BIN)/mypy batchgen
 
 format: setup
-	$(BIN)/ruff format batchgen tests tools
-	$(BIN)/ruff check --fix batchgen tests tools
+	$(BIN)/ruff format batchgen tests tools benchmarks
+	$(BIN)/ruff check --fix batchgen tests tools benchmarks
 
 tiny-model: setup
 	@echo "training builtin:tiny on the CPU: about an hour on 2 cores (resumes from build/tiny-training/)"
