@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
@@ -487,14 +487,19 @@ def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], in
     if not engines.device.startswith("cuda"):
         return lambda job: auto_batch_size(engines.device, job.width, job.height)
 
-    @cache
-    def measured(width: int, height: int, job: Job) -> int:
-        from batchgen.engine import probe_cuda_batch_size
+    sizes: dict[tuple[int, int, bool], int] = {}
 
-        init = _prepared(job.init_image.path, (width, height))
-        return probe_cuda_batch_size(engines.load(model), job, init)
+    def measured(job: Job) -> int:
+        # Once per image size and guidance (which doubles the UNet's batch), not per group.
+        key = (job.width, job.height, job.cfg > 1)
+        if key not in sizes:
+            from batchgen.engine import probe_cuda_batch_size
 
-    return lambda job: measured(job.width, job.height, job)
+            init = _prepared(job.init_image.path, (job.width, job.height))
+            sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
+        return sizes[key]
+
+    return measured
 
 
 def _write_views(run_dir: Path, reporter: Reporter) -> None:

@@ -72,7 +72,7 @@ def test_shards_are_disjoint_complete_deterministic_and_balanced(tmp_path: Path,
     assert max(loads) - min(loads) <= biggest_chunk
 
 
-@pytest.mark.parametrize("unit", [1, 4, 16])
+@pytest.mark.parametrize("unit", [4, 16])  # of 1, every batch is one job: nothing to check
 def test_shards_own_whole_batches(tmp_path: Path, unit: int) -> None:
     all_jobs = jobs(tmp_path)
     owners = dict(zip((job.id for job in all_jobs), assign(all_jobs, 3, unit), strict=True))
