@@ -348,15 +348,23 @@ _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
 }
 
 
+def _varies(show: Callable[[Job], str], jobs: list[Job]) -> bool:
+    """Whether the column's text differs between jobs: stops at the first difference, so a
+    large plan formats only the rows it prints."""
+    first = show(jobs[0]) if jobs else ""
+    return any(show(job) != first for job in jobs)
+
+
 def _print_plan(the_plan: Plan, show_all: bool) -> None:
     """A table of the parameters that vary between jobs; the fixed ones in one line above."""
     console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     recipe = the_plan.recipe
     jobs = [planned.job for planned in the_plan.jobs]
-    texts = {name: [show(job) for job in jobs] for name, show in _PLAN_COLUMNS.items()}
-    varying = [name for name, values in texts.items() if len(set(values)) > 1]
+    varying = [name for name, show in _PLAN_COLUMNS.items() if _varies(show, jobs)]
     fixed = [
-        f"{name} {values[0]}" for name, values in texts.items() if name not in varying and values
+        f"{name} {show(jobs[0])}"
+        for name, show in _PLAN_COLUMNS.items()
+        if name not in varying and jobs
     ]
     console.print(f"[bold]{recipe.name}[/] → {recipe.output}")
     console.print("fixed: " + " · ".join(fixed) + f" · dtype {the_plan.dtype}", markup=False)
@@ -376,13 +384,13 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
         table.add_column("shard", no_wrap=True)
     shown = the_plan.jobs if show_all else the_plan.jobs[:50]
     styles = {"done": "green", "failed": "red", "todo": ""}
-    for number, planned in enumerate(shown):
+    for planned in shown:
         job = planned.job
         shard_cell = ("this" if planned.mine else "other",) if the_plan.shard else ()
         table.add_row(
             str(job.index),
             job.id[:8],
-            *(texts[name][number] for name in varying),
+            *(_PLAN_COLUMNS[name](job) for name in varying),
             str(job.steps_taken),
             f"{planned.status} ({planned.note})" if planned.note else planned.status,
             *shard_cell,

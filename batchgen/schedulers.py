@@ -11,6 +11,7 @@ engine turns a `SchedulerSpec` into a diffusers scheduler with `from_config`.
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import dataclass, field
 
 
@@ -91,6 +92,7 @@ class UnknownSchedulerError(ValueError):
         )
 
 
+@functools.lru_cache(maxsize=256)  # once per name, not once per job; callers never mutate it
 def scheduler_spec(name: str) -> SchedulerSpec:
     """The scheduler a name (with its options, if any) stands for."""
     base_name, _, option_text = name.partition(":")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -94,6 +95,7 @@ def read_lock_file(run_dir: Path) -> dict[str, Any]:
 # Images: names, metadata, writing
 
 
+@functools.lru_cache(maxsize=4096)  # a sweep repeats a few prompts and init names many times
 def _slug(text: str) -> str:
     """Lowercase ASCII words joined by '-', whole words up to SLUG_MAX_LENGTH; may be ''."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
