@@ -19,6 +19,10 @@ MAX_BATCH_SIZE = 16  # a power of two: see shard_unit
 # 64×64 ×2.5–3 at 8–16; 128×128 ×1.3–1.9 at 4, no more beyond; 256×256 none, ×0.7 at 16.
 # This budget gives 16 at 64 px, 4 at 128 px and 1 from 256 px: never slower than batch 1.
 CPU_BATCH_PIXELS = 256 * 256
+# The VAE decoder's cost per image grows with the batch on the CPU once its activations leave
+# the caches (256 px: ×1.8 per image at 4), so the engine decodes at most this many pixels in
+# one call there.
+CPU_DECODE_PIXELS = 256 * 256
 
 
 class BatchKey(NamedTuple):
@@ -94,6 +98,11 @@ def auto_batch_size(
     while size > 1 and not fits(size):
         size //= 2
     return size
+
+
+def cpu_decode_size(width: int, height: int) -> int:
+    """How many images of width × height the engine decodes in one VAE call on the CPU."""
+    return max(1, CPU_DECODE_PIXELS // (width * height))
 
 
 def shard_unit(batch_size: int | Literal["auto"]) -> int:

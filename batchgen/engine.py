@@ -26,7 +26,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
-from batchgen.batching import auto_batch_size, batch_key
+from batchgen.batching import auto_batch_size, batch_key, cpu_decode_size
 from batchgen.devices import DTYPES, NO_FAST_PATHS, FastPaths, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
@@ -408,9 +408,18 @@ class Engine:
         return scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
 
     def decode_batch(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents to float RGB in [0, 1], batch × height × width × 3, in one VAE call."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return self.image_processor.postprocess(image, output_type="np")
+        """Latents to float RGB in [0, 1], batch × height × width × 3: in one VAE call, or on
+        the CPU in calls of `cpu_decode_size` images."""
+        scaling_factor = self.vae.config.scaling_factor
+        chunk = len(latents)
+        if self.device == "cpu":
+            factor = self.image_processor.config.vae_scale_factor
+            chunk = cpu_decode_size(latents.shape[-1] * factor, latents.shape[-2] * factor)
+        images = [
+            self.vae.decode(part / scaling_factor, return_dict=False)[0]
+            for part in latents.split(chunk)
+        ]
+        return self.image_processor.postprocess(torch.cat(images), output_type="np")
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """The batch's first latents to float RGB in [0, 1], height × width × 3."""

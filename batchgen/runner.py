@@ -136,41 +136,75 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
             )
 
 
-def _render_batch(
-    engine: Engine,
-    model: ModelSource,
-    batch: list[PlannedJob],
-    intermediates: IntermediatesSpec | None,
-) -> list[FinishedJob]:
-    """Render a batch in one denoising loop. A failure fails each of its jobs: the error is
-    recorded in their rows and the run goes on."""
-    started = time.perf_counter()
-    jobs = [planned.job for planned in batch]
-    recorder = None
-    try:
-        inits = [_prepared(job.init_image.path, (job.width, job.height)) for job in jobs]
-        if intermediates and jobs[0].steps_taken:  # batches of one: see Engine.render_batch
-            recorder = IntermediatesRecorder(engine, mode=intermediates.mode, x0=intermediates.x0)
-        images: list[Image.Image | None] = list(engine.render_batch(jobs, inits, recorder))
-        error = ""
-    except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
-        images, error = [None] * len(jobs), f"{type(failure).__name__}: {failure}"
-    seconds = (time.perf_counter() - started) / len(jobs)
-    frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
-    return [
-        FinishedJob(
-            planned,
-            model,
-            image,
-            error,
-            seconds,
-            engine.device_label,
-            len(batch),
-            str(engine.fast_paths),
-            *frames,
-        )
-        for planned, image in zip(batch, images, strict=True)
-    ]
+class _BatchRenderer:
+    """Renders a batch in one denoising loop. A failure fails each of its jobs: the error is
+    recorded in their rows and the run goes on.
+
+    A batch that runs out of GPU memory (the auto probe's trial can fit where a real batch,
+    with other prompts or after fragmentation, does not) is split in halves and rendered
+    again, and the size that ran out is remembered for its shape (size and guidance): later
+    batches of that shape are split before they are tried. The manifest records the size each
+    job was rendered at."""
+
+    def __init__(self, intermediates: IntermediatesSpec | None, reporter: Reporter) -> None:
+        self.intermediates = intermediates
+        self.reporter = reporter
+        self.limits: dict[tuple[int, int, bool], int] = {}  # shape → largest size to try
+
+    def render(
+        self, engine: Engine, model: ModelSource, batch: list[PlannedJob]
+    ) -> list[FinishedJob]:
+        first = batch[0].job
+        shape = (first.width, first.height, first.cfg > 1)
+        limit = self.limits.get(shape, len(batch))
+        if len(batch) > limit:
+            return [
+                finished
+                for start in range(0, len(batch), limit)
+                for finished in self.render(engine, model, batch[start : start + limit])
+            ]
+        started = time.perf_counter()
+        jobs = [planned.job for planned in batch]
+        recorder = None
+        try:
+            inits = [_prepared(job.init_image.path, (job.width, job.height)) for job in jobs]
+            if self.intermediates and jobs[0].steps_taken:  # batches of one: Engine.render_batch
+                recorder = IntermediatesRecorder(
+                    engine, mode=self.intermediates.mode, x0=self.intermediates.x0
+                )
+            images: list[Image.Image | None] = list(engine.render_batch(jobs, inits, recorder))
+            error = ""
+        except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
+            if len(batch) > 1 and _out_of_memory(failure):
+                self.limits[shape] = len(batch) // 2
+                self.reporter.message(
+                    f"a batch of {len(batch)} at {first.width}x{first.height} ran out of GPU "
+                    f"memory: batches of {len(batch) // 2} from now on"
+                )
+                return self.render(engine, model, batch)
+            images, error = [None] * len(jobs), f"{type(failure).__name__}: {failure}"
+        seconds = (time.perf_counter() - started) / len(jobs)
+        frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
+        return [
+            FinishedJob(
+                planned,
+                model,
+                image,
+                error,
+                seconds,
+                engine.device_label,
+                len(batch),
+                str(engine.fast_paths),
+                *frames,
+            )
+            for planned, image in zip(batch, images, strict=True)
+        ]
+
+
+def _out_of_memory(failure: Exception) -> bool:
+    import torch  # loaded with the engine by now
+
+    return isinstance(failure, torch.OutOfMemoryError)
 
 
 class _EngineLoader:
@@ -433,6 +467,7 @@ def _make_images(
     failed = 0
     reporter.start(len(to_make))
     writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
+    renderer = _BatchRenderer(recipe.intermediates, reporter)
     with _stop_on_signals(reporter) as stop:
         try:
             try:
@@ -443,7 +478,7 @@ def _make_images(
                         continue
                     model = recipe.model_of(batch[0].job)
                     engine = engines.load(model)
-                    for job in _render_batch(engine, model, batch, recipe.intermediates):
+                    for job in renderer.render(engine, model, batch):
                         if job.planned.job.id in wanted:
                             writer.submit(job)
                             failed += bool(job.error)

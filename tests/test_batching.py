@@ -17,6 +17,7 @@ from batchgen.batching import (
     MAX_BATCH_SIZE,
     auto_batch_size,
     batch_key,
+    cpu_decode_size,
     make_batches,
 )
 from batchgen.engine import (
@@ -261,6 +262,26 @@ def test_a_batch_size_below_one_is_refused(job: Job) -> None:
 )
 def test_cpu_batch_size_follows_the_pixel_budget(width: int, height: int, expected: int) -> None:
     assert auto_batch_size("cpu", width, height) == expected
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "expected"), [(64, 64, 16), (128, 128, 4), (256, 256, 1), (512, 512, 1)]
+)
+def test_cpu_decodes_a_pixel_budget_at_a_time(width: int, height: int, expected: int) -> None:
+    assert cpu_decode_size(width, height) == expected
+
+
+@torch.no_grad()
+def test_a_batch_decoded_in_parts_on_the_cpu_equals_each_image_decoded_alone(
+    engine: Engine,
+) -> None:
+    # 256 px: one image per VAE call, so a batch's images are bit for bit the lone ones.
+    latents = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    together = engine.decode_batch(latents)
+
+    alone = np.stack([engine.decode_batch(latents[k : k + 1])[0] for k in range(3)])
+    np.testing.assert_array_equal(together, alone)
 
 
 def test_cuda_batch_size_halves_until_a_batch_fits() -> None:

@@ -171,6 +171,37 @@ def test_a_failing_batch_fails_each_of_its_jobs(
     assert statuses == [("0.0", "done"), ("0.5", "failed"), ("0.0", "done"), ("0.5", "failed")]
 
 
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_the_size_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchgen.engine import Engine
+
+    recipe = write_recipe(
+        tmp_path,
+        "init_images: [pictures/gradient.png]\nprompts: [a, b]\nstrength: [0.5, 0.75]\n"
+        "steps: 4\nseeds: [1, 2]\n",
+    )
+    real_render_batch = Engine.render_batch
+    tried: list[int] = []
+
+    def render_batch(self, jobs, inits, on_step=None):  # type: ignore[no-untyped-def]
+        tried.append(len(jobs))
+        if len(jobs) > 2:  # what this "GPU" holds
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_render_batch(self, jobs, inits, on_step)
+
+    monkeypatch.setattr(Engine, "render_batch", render_batch)
+    code, output = invoke("run", str(recipe), "--batch-size", "4")
+
+    assert code == 0, output
+    assert "a batch of 4 at 64x48 ran out of GPU memory: batches of 2 from now on" in output
+    # Two batches of 4 (one per strength): the first runs out and is split; the second is
+    # split before it is tried.
+    assert tried == [4, 2, 2, 2, 2]
+    rows = manifest(tmp_path / "out")
+    assert [(row["status"], row["batch_size"]) for row in rows] == [("done", "2")] * 8
+
+
 def test_fail_fast_stops_at_the_first_failure(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
