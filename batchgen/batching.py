@@ -39,6 +39,9 @@ class BatchKey(NamedTuple):
     width: int
     height: int
     guided: bool  # cfg > 1: the UNet sees unconditional and conditional halves
+    # Feedback: a job starts from its parent's image, so each iteration is a batch of its own
+    # (made after the one before: its group comes later in job order).
+    iteration: int
 
 
 def batch_key(job: Job) -> BatchKey:
@@ -52,6 +55,7 @@ def batch_key(job: Job) -> BatchKey:
         width=job.width,
         height=job.height,
         guided=job.cfg > 1,
+        iteration=job.iteration,
     )
 
 

@@ -345,7 +345,13 @@ _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
     "seed": lambda job: str(job.seed),
     "scheduler": lambda job: job.scheduler,
     "size": lambda job: f"{job.width}x{job.height}",
+    "variation": lambda job: (
+        f"{job.variation_seed} @{job.variation_amount:g}" if job.variation_seed is not None else "—"
+    ),
+    "iteration": lambda job: str(job.iteration),
 }
+# Columns not worth the fixed line when no job uses them.
+_PLAN_UNUSED = {"variation": "—", "iteration": "0"}
 
 
 def _varies(show: Callable[[Job], str], jobs: list[Job]) -> bool:
@@ -364,7 +370,7 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
     fixed = [
         f"{name} {show(jobs[0])}"
         for name, show in _PLAN_COLUMNS.items()
-        if name not in varying and jobs
+        if name not in varying and jobs and show(jobs[0]) != _PLAN_UNUSED.get(name)
     ]
     console.print(f"[bold]{recipe.name}[/] → {recipe.output}")
     console.print("fixed: " + " · ".join(fixed) + f" · dtype {the_plan.dtype}", markup=False)

@@ -27,6 +27,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from batchgen.batching import auto_batch_size, batch_key, cpu_decode_size
+from batchgen.masks import composite, latent_mask, redraw_mask
+from batchgen.variations import varied_noise
 from batchgen.devices import DTYPES, NO_FAST_PATHS, FastPaths, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
@@ -277,7 +279,11 @@ class Engine:
         scheduler = self.make_scheduler(first.scheduler)
         timesteps = self.get_timesteps(scheduler, first.steps_nominal, first.strength)
         posteriors = [self.init_posterior(job, init) for job, init in zip(jobs, inits, strict=True)]
-        latents = self.prepare_latents(posteriors, scheduler, timesteps[:1], generators)
+        latents, noise, init_latents = self.prepare_latents(
+            jobs, posteriors, scheduler, timesteps[:1], generators
+        )
+        masks = [redraw_mask(job, init) for job, init in zip(jobs, inits, strict=True)]
+        keep = self.kept_latents(masks, latents)
         extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generators)
 
         if on_step is not None:
@@ -293,14 +299,43 @@ class Engine:
             if do_classifier_free_guidance:
                 noise_pred = classifier_free_guidance(noise_pred, [job.cfg for job in jobs])
             step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
-            if on_step is not None:
-                predicted_x0 = predicted_original_sample(
-                    scheduler, step_output, noise_pred, t, latents
-                )
-                on_step(StepState(index, float(t), step_output.prev_sample, predicted_x0))
+            predicted_x0 = (
+                predicted_original_sample(scheduler, step_output, noise_pred, t, latents)
+                if on_step is not None
+                else None
+            )
             latents = step_output.prev_sample
+            if keep is not None:
+                # The kept region back, at the noise level of the step to come (clean after
+                # the last): the model paints the rest to fit around it.
+                known = (
+                    scheduler.add_noise(init_latents, noise, timesteps[index:][:1].repeat(len(jobs)))
+                    if index < len(timesteps)
+                    else init_latents
+                )
+                latents = latents * (1 - keep) + known * keep
+            if on_step is not None:
+                on_step(StepState(index, float(t), latents, predicted_x0))
 
-        return self.decode_batch(latents)
+        pixels = self.decode_batch(latents)
+        for sample, (mask, init) in enumerate(zip(masks, inits, strict=True)):
+            if mask is not None:
+                pixels[sample] = composite(pixels[sample], init.rgb, mask)
+        return pixels
+
+    def kept_latents(
+        self, masks: Sequence[np.ndarray | None], latents: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per sample, 1 where its latents are kept from the init image (b × 1 × h × w), or
+        None when every sample is redrawn everywhere."""
+        if all(mask is None for mask in masks):
+            return None
+        size = (latents.shape[-2], latents.shape[-1])
+        redrawn = [
+            latent_mask(mask, size) if mask is not None else torch.ones(1, 1, *size)
+            for mask in masks
+        ]
+        return (1 - torch.cat(redrawn)).to(device=self.device, dtype=latents.dtype)
 
     def batch_prompt_embeddings(
         self, jobs: Sequence[Job], do_classifier_free_guidance: bool
@@ -379,9 +414,9 @@ class Engine:
 
     def init_posterior(self, job: Job, init: PreparedImage) -> DiagonalGaussianDistribution:
         """`encode_init_image` through the posterior cache. The key is the init file's hash
-        and the job's size, which fix the prepared pixels (`images.prepare`); `fit` only chose
-        the size. Encoded alone, as the pipeline encodes each image of a batch."""
-        key = (job.init_image.sha256, job.width, job.height)
+        (for a feedback iteration, its parent's id) and the job's size, which fix the prepared
+        pixels (`images.prepare`); `fit` only chose the size. Encoded alone, as the pipeline encodes each image of a batch."""
+        key = (job.parent_id or job.init_image.sha256, job.width, job.height)
         return self.posterior_cache.get(key, lambda: self.encode_init_image(init))
 
     def encode_init_image(self, init: PreparedImage) -> DiagonalGaussianDistribution:
@@ -392,20 +427,25 @@ class Engine:
 
     def prepare_latents(
         self,
+        jobs: Sequence[Job],
         posteriors: Sequence[DiagonalGaussianDistribution],
         scheduler: Scheduler,
         first_timestep: torch.Tensor,
         generators: list[torch.Generator],
-    ) -> torch.Tensor:
-        """The init images' latents noised to the first timestep. Each sample's posterior is
-        sampled before its noise is drawn, with its own generator: the pipeline's random
-        order, which is why the cache keeps posteriors and never a sample."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The init images' latents noised to the first timestep, the noise, and the clean
+        latents. Each sample's posterior is sampled before its noise is drawn, with its own
+        generator: the pipeline's random order, which is why the cache keeps posteriors and
+        never a sample. A job's variations then move its noise toward theirs."""
         samples = [posterior.sample(g) for posterior, g in zip(posteriors, generators, strict=True)]
         init_latents = self.vae.config.scaling_factor * torch.cat(samples)
         noise = randn_tensor(
             init_latents.shape, generator=generators, device=self.device, dtype=self.torch_dtype
         )
-        return scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
+        if any(job.variations for job in jobs):
+            noise = torch.cat([varied_noise(job, noise[k : k + 1]) for k, job in enumerate(jobs)])
+        latents = scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
+        return latents, noise, init_latents
 
     def decode_batch(self, latents: torch.Tensor) -> np.ndarray:
         """Latents to float RGB in [0, 1], batch × height × width × 3: in one VAE call, or on

@@ -65,7 +65,13 @@ AXIS_TITLES = {
     "cfg": "CFG",
     "seed": "seed",
     "scheduler": "scheduler",
+    "variation_seed": "variation seed",
+    "variation_strength": "variation strength",
+    "iteration": "iteration",
 }
+
+# What the variation axes hold in jobs without variations or iterations: not worth a title.
+UNUSED_VALUES: dict[str, Any] = {"variation_seed": -1, "variation_strength": 0.0, "iteration": 0}
 
 Colour = tuple[int, int, int]
 BACKGROUND = (255, 255, 255)
@@ -268,7 +274,12 @@ def _plan(rows: list[ManifestRow], spec: GridSpec) -> list[_Grid]:
             _Grid(
                 spec=spec,
                 stem=(name + suffix)[:180],
-                fixed={axis: getattr(members[0], axis) for axis in AXES if axis not in laid_out},
+                fixed={
+                    axis: getattr(members[0], axis)
+                    for axis in AXES
+                    if axis not in laid_out
+                    and getattr(members[0], axis) != UNUSED_VALUES.get(axis, "unused")
+                },
                 x_values=tuple(values[spec.x]),
                 y_values=tuple(values[spec.y]) if spec.y else (None,),
                 z_values=tuple(values[spec.z]) if spec.z else (None,),
@@ -322,6 +333,8 @@ def _format(value: Any) -> str:
 
 
 def _label(axis: str, value: Any) -> str:
+    if axis == "variation_seed" and value == -1:
+        return "no variation"
     return f"{AXIS_TITLES[axis]}: {_format(value)}"
 
 

@@ -32,6 +32,7 @@ class ImageHeader:
     width: int  # as displayed, after EXIF orientation
     height: int
     sha256: str
+    has_alpha: bool  # an alpha channel or a transparent palette colour (maybe all opaque)
 
 
 def read_header(path: Path) -> ImageHeader:
@@ -44,6 +45,7 @@ def read_header(path: Path) -> ImageHeader:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
+            has_alpha = _has_alpha(image)
     except Image.DecompressionBombError:
         raise InitImageError(
             f"{path} is over the limit of {MAX_INIT_PIXELS:,} pixels (a decompression bomb?); "
@@ -58,7 +60,11 @@ def read_header(path: Path) -> ImageHeader:
         )
     if orientation in _QUARTER_TURNS:
         width, height = height, width
-    return ImageHeader(width, height, hashlib.sha256(data).hexdigest())
+    return ImageHeader(width, height, hashlib.sha256(data).hexdigest(), has_alpha)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
 def _round_down(value: float) -> int:
@@ -99,8 +105,7 @@ def prepare(path: Path, size: tuple[int, int]) -> PreparedImage:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if has_alpha:
+    if _has_alpha(image):
         image = image.convert("RGBA")
         # The colour under transparent pixels is kept: it is the starting point there.
         rgb, alpha = image.convert("RGB"), image.getchannel("A")

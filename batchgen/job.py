@@ -29,6 +29,9 @@ class InitImage:
     sha256: str
     width: int  # after EXIF orientation
     height: int
+    # An alpha channel (from the header; it may still be all opaque): its transparent pixels
+    # mark where the image is redrawn (inpainting).
+    has_alpha: bool = False
 
 
 def nominal_steps(steps: int, strength: float, mode: StepsMode) -> int:
@@ -70,6 +73,19 @@ class Job:
     clip_skip: int = 1  # A1111's convention: 1 uses CLIP's last layer, 2 the one before
     vae: str = ""  # identity of a VAE that replaces the model's own; "" for the model's
     model_name: str = field(default="", compare=False)  # short display name, not in the id
+    # Noise variations (InvokeAI -V / -v, A1111 "Variation seed"): the seed's noise is slerped
+    # toward each (seed, amount)'s noise in turn: `with_variations` first, then the job's own.
+    with_variations: tuple[tuple[int, float], ...] = ()
+    variation_seed: int | None = None
+    variation_amount: float = 0.0
+    # Inpainting: a mask image (white or transparent: redraw); without one, the init image's
+    # own transparent pixels. Blurred by `mask_blur` px; `invert_mask` swaps the regions.
+    mask: InitImage | None = None
+    mask_blur: int = 0
+    invert_mask: bool = False
+    # Feedback iterations (InvokeAI -n on img2img): the job whose image is this job's init.
+    parent_id: str = ""
+    iteration: int = 0  # 0: the chain's first job, from the init image itself
 
     @property
     def steps_nominal(self) -> int:
@@ -81,7 +97,7 @@ class Job:
 
     def pixel_fields(self) -> dict[str, object]:
         """Everything that determines the image, in canonical form."""
-        return {
+        fields: dict[str, object] = {
             "model": self.model,
             "scheduler": scheduler_spec(self.scheduler).canonical,
             "init_image_sha256": self.init_image.sha256,
@@ -97,6 +113,31 @@ class Job:
             "clip_skip": self.clip_skip,
             "vae": self.vae,
         }
+        # Only when used, so that jobs without them keep the ids they always had.
+        if self.variations:
+            fields["variations"] = [list(pair) for pair in self.variations]
+        if self.inpaints:
+            fields["mask"] = {
+                "sha256": self.mask.sha256 if self.mask else "alpha",
+                "blur": self.mask_blur,
+                "invert": self.invert_mask,
+            }
+        if self.parent_id:
+            fields["parent_id"] = self.parent_id
+        return fields
+
+    @property
+    def variations(self) -> tuple[tuple[int, float], ...]:
+        """Every (seed, amount) the noise is slerped toward, in order."""
+        if self.variation_seed is None:
+            return self.with_variations
+        return (*self.with_variations, (self.variation_seed, self.variation_amount))
+
+    @property
+    def inpaints(self) -> bool:
+        """Whether a mask may keep part of the image: a mask file, or an init image with
+        an alpha channel (a fully opaque one then renders as plain img2img)."""
+        return self.mask is not None or self.init_image.has_alpha
 
     @cached_property
     def id(self) -> str:

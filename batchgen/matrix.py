@@ -12,9 +12,11 @@ matrix keys and the scalar parameters as values an include entry may set:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from batchgen.images import output_size
@@ -70,8 +72,11 @@ def combinations(recipe: Recipe, problems: list[Problem] | None = None) -> Itera
 
 
 def upper_bound(recipe: Recipe) -> int:
-    """Jobs at most, without generating them: the product of the axes plus the includes."""
-    return math.prod(len(values) for values in recipe.axes.values()) + len(recipe.include)
+    """Jobs at most, without generating them: the product of the axes plus the includes,
+    each combination a job and its variations (or iterations)."""
+    combinations = math.prod(len(values) for values in recipe.axes.values())
+    family = 1 + max(recipe.axes["variation_count"], default=0)
+    return (combinations + len(recipe.include)) * family
 
 
 def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Job:
@@ -99,20 +104,49 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         vae=recipe.vae.identity if recipe.vae else "",
         dtype=dtype,
         model_name=combination["model"].name,
+        with_variations=recipe.with_variations,
+        mask=recipe.mask,
+        mask_blur=recipe.mask_blur,
+        invert_mask=recipe.invert_mask,
     )
 
 
+def variation_seed(job: Job, number: int) -> int:
+    """The seed of a job's `number`-th variation: derived from the job, never random, so a
+    re-run makes the same variations; 32 bits, as A1111's variation seeds."""
+    digest = hashlib.sha256(f"{job.id}/variation/{number}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def _family(recipe: Recipe, job: Job, combination: Combination) -> Iterator[Job]:
+    """The job, then its variations (noise) or the later jobs of its chain (feedback)."""
+    yield job
+    count, amount = combination["variation_count"], float(combination["variation_amount"])
+    if recipe.variation_mode == "feedback":
+        parent = job
+        for iteration in range(1, count + 1):
+            # The chain's seed throughout: a chain stays one row of a seed × iteration grid.
+            parent = replace(job, parent_id=parent.id, iteration=iteration)
+            yield parent
+    elif amount > 0:
+        for number in range(1, count + 1):
+            yield replace(
+                job, variation_seed=variation_seed(job, number), variation_amount=amount
+            )
+
+
 def expand(recipe: Recipe, dtype: str) -> Iterator[Job]:
-    """The recipe's jobs in order, numbered from 1; a combination seen before is skipped."""
+    """The recipe's jobs in order, numbered from 1: each combination's job followed by its
+    variations or iterations; a job seen before is skipped."""
     seen: set[str] = set()
-    index = 0
     for combination in combinations(recipe):
-        job = _job(recipe, index + 1, combination, dtype)
-        if job.id in seen:
-            continue
-        seen.add(job.id)
-        index += 1
-        yield job
+        for job in _family(recipe, _job(recipe, 0, combination, dtype), combination):
+            if job.id in seen:
+                continue
+            seen.add(job.id)
+            numbered = replace(job, index=len(seen))
+            numbered.__dict__["id"] = job.id  # the index is not part of the id: keep the hash
+            yield numbered
 
 
 def check(recipe: Recipe, max_jobs: int = DEFAULT_MAX_JOBS) -> list[Problem]:

@@ -35,6 +35,7 @@ from batchgen.recipe_file import (
     RecipeFile,
     SchedulerChoice,
     SeedRange,
+    VariationMode,
     validate_shape,
 )
 from batchgen.schedulers import UnknownSchedulerError, scheduler_spec
@@ -42,7 +43,8 @@ from batchgen.schedulers import UnknownSchedulerError, scheduler_spec
 # Sweep axes, by the singular name jobs, include/exclude and grids use, with the recipe keys
 # that give them values.
 AXES: tuple[str, ...] = (
-    "model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"
+    "model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler",
+    "variation_count", "variation_amount",  # from `variations`: always the innermost
 )  # fmt: skip
 AXIS_OF_KEY: dict[str, str] = {
     "model": "model",
@@ -78,6 +80,11 @@ class Recipe:
     output: Path
     intermediates: IntermediatesSpec | None  # None: no strips
     grids: tuple[GridSpec, ...]
+    variation_mode: VariationMode = "noise"  # what variation_count counts: see Variations
+    with_variations: tuple[tuple[int, float], ...] = ()
+    mask: InitImage | None = None  # one mask for every init image; None: their alpha
+    mask_blur: int = 0
+    invert_mask: bool = False
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
 
@@ -124,6 +131,11 @@ class Recipe:
             "include": [{k: plain(v) for k, v in entry.items()} for entry in self.include],
             "exclude": [{k: plain(v) for k, v in entry.items()} for entry in self.exclude],
             "intermediates": self.intermediates.model_dump() if self.intermediates else False,
+            "variation_mode": self.variation_mode,
+            "with_variations": [list(pair) for pair in self.with_variations],
+            "mask": {"path": self.mask.label, "sha256": self.mask.sha256} if self.mask else None,
+            "mask_blur": self.mask_blur,
+            "invert_mask": self.invert_mask,
             "grids": [grid.model_dump(exclude_none=True) for grid in self.grids],
         }
 
@@ -195,13 +207,9 @@ class _Resolver:
             "cfg": self._numbers("cfg", shape.cfg, float),
             "seed": self._seeds(),
             "scheduler": self._schedulers(),
+            "variation_count": self._variation_axis("count"),
+            "variation_amount": self._variation_axis("amount"),
         }
-        if shape.variations.count > 0:
-            self.fail(
-                ("variations", "count"),
-                "variations are not supported by this version yet",
-                "set `count: 0` or remove `variations`",
-            )
         written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
         # The model is always the outermost loop: each model is loaded once per run.
         order = list(dict.fromkeys(["model", *written, *AXES]))
@@ -209,7 +217,11 @@ class _Resolver:
             AXIS_OF_KEY[key]
             for key, value in self.doc.data.items()
             if key in AXIS_OF_KEY and (isinstance(value, list | dict) or key == "prompts_file")
-        )
+        ) | {
+            f"variation_{key}"
+            for key in ("count", "amount")
+            if isinstance(getattr(shape.variations, key), list)
+        }
         if output is None:
             output = self.base / shape.output if shape.output else Path("outputs") / name
         return Recipe(
@@ -233,6 +245,11 @@ class _Resolver:
                 IntermediatesSpec() if shape.intermediates is True else shape.intermediates or None
             ),
             grids=tuple(shape.grids),
+            variation_mode=shape.variations.mode,
+            with_variations=tuple(shape.with_variations),
+            mask=self._mask(),
+            mask_blur=shape.mask_blur,
+            invert_mask=shape.invert_mask,
             lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
             warnings=tuple(self.warnings),
         )
@@ -252,6 +269,20 @@ class _Resolver:
         except ModelNotFoundError as error:
             self.fail(("vae",), str(error), error.hint)
             return None
+
+    def _variation_axis(self, key: str) -> tuple[Any, ...]:
+        value = getattr(self.shape.variations, key)
+        if value == []:
+            self.fail(("variations", key), "is empty", "give a value or a list of values")
+        return tuple(dict.fromkeys(value)) if isinstance(value, list) else (value,)
+
+    def _mask(self) -> InitImage | None:
+        if self.shape.mask is None:
+            return None
+        images = self._init_image(("mask",), self.shape.mask)
+        if len(images) > 1:
+            self.fail(("mask",), f"matches {len(images)} files; one mask serves every job")
+        return images[0] if images else None
 
     def _models(self) -> tuple[ModelSource, ...]:
         references = self.shape.model
@@ -289,7 +320,9 @@ class _Resolver:
                 label = file.relative_to(self.base).as_posix()
             except ValueError:
                 label = str(file)
-            image = InitImage(file, label, header.sha256, header.width, header.height)
+            image = InitImage(
+                file, label, header.sha256, header.width, header.height, header.has_alpha
+            )
             self.init_images[file] = image
             images.append(image)
         return images

@@ -45,15 +45,39 @@ class SeedRange(_Strict):
     count: StrictInt = Field(ge=1)
 
 
+VariationMode = Literal["noise", "feedback"]
+VariationCount = Annotated[StrictInt, Field(ge=0, le=1000)]
+VariationAmount = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class Variations(_Strict):
-    count: StrictInt = Field(default=0, ge=0)
-    amount: float = Field(default=0.1, ge=0.0, le=1.0)
-    mode: Literal["noise", "feedback"] = "noise"
+    """InvokeAI's -v/-n on img2img. noise: after each job, `count` jobs whose starting noise is
+    slerped `amount` of the way toward another seed's; feedback: each image is the init image
+    of the next job, `count` times. Count and amount may be lists: both are sweep axes."""
+
+    count: VariationCount | list[VariationCount] = Field(
+        default=0, description="Variations (noise) or iterations (feedback) per job; 0: none"
+    )
+    amount: VariationAmount | list[VariationAmount] = Field(
+        default=0.1, description="noise: how far toward the variation seed's noise, 0-1"
+    )
+    mode: VariationMode = "noise"
 
 
-# The sweep axes a grid can lay out, by the names of their manifest columns. (Variations are
-# not made by this version, so `variation` is not one yet.)
-AxisName = Literal["model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler"]
+# The sweep axes a grid can lay out, by the names of their manifest columns.
+AxisName = Literal[
+    "model",
+    "init_image",
+    "prompt",
+    "strength",
+    "steps",
+    "cfg",
+    "seed",
+    "scheduler",
+    "variation_seed",
+    "variation_strength",
+    "iteration",
+]
 
 
 class GridSpec(_Strict):
@@ -98,7 +122,15 @@ class GridSpec(_Strict):
     ) -> dict[str, list[int | float | str]]:
         """Each axis's values as a list of the axis's type, so that `--where seed=7` from the
         command line means what `where: {seed: 7}` means in a recipe."""
-        kinds: dict[str, type] = {"steps": int, "seed": int, "strength": float, "cfg": float}
+        kinds: dict[str, type] = {
+            "steps": int,
+            "seed": int,
+            "strength": float,
+            "cfg": float,
+            "variation_seed": int,
+            "variation_strength": float,
+            "iteration": int,
+        }
         normal: dict[str, list[int | float | str]] = {}
         for axis, given in where.items():
             values = given if isinstance(given, list) else [given]
@@ -207,6 +239,20 @@ class RecipeFile(_Strict):
         default=False, description="Downscale the init image to fit width×height, keeping aspect"
     )
     variations: Variations = Field(default_factory=Variations)
+    with_variations: list[tuple[Seed, VariationAmount]] = Field(
+        default_factory=list,
+        description="[[seed, amount], …] applied in order before `variations` (InvokeAI -V): "
+        "reproduces or refines a variation",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="A mask image for every init image: white (or transparent) is redrawn, "
+        "black kept; default: each init image's own transparent pixels",
+    )
+    mask_blur: StrictInt = Field(
+        default=4, ge=0, le=256, description="Feathering of the mask's edge, in px"
+    )
+    invert_mask: StrictBool = Field(default=False, description="Redraw what the mask keeps")
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     output: str | None = Field(default=None, description="Default: outputs/<name>")
@@ -265,7 +311,7 @@ def _shape_problems(doc: YamlDocument, error: ValidationError) -> list[Problem]:
             message = "unknown key"
         elif item["type"] == "missing":
             message = "is required"
-            hint = _REQUIRED_HINTS.get(str(path[-1]))
+            hint = _REQUIRED_HINTS.get(str(path[-1]), hint)
         elif item["type"] == "literal_error":
             expected = re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", "")))
             hint = did_you_mean(str(item["input"]), expected)
@@ -294,6 +340,7 @@ FIELD_HINTS = {
     "seeds": "a seed, a list of seeds, or {start, count}",
     "width": "a multiple of 8, e.g. 512",
     "height": "a multiple of 8, e.g. 512",
+    "with_variations": "a list of [seed, amount] pairs, e.g. [[1592514025, 0.1]]",
 }
 
 
@@ -319,4 +366,6 @@ AXIS_ITEM: dict[str, TypeAdapter[Any]] = {
     "steps": TypeAdapter(Steps),
     "cfg": TypeAdapter(Cfg),
     "seed": TypeAdapter(Seed),
+    "variation_count": TypeAdapter(VariationCount),
+    "variation_amount": TypeAdapter(VariationAmount),
 }

@@ -144,15 +144,39 @@ class _BatchRenderer:
     with other prompts or after fragmentation, does not) is split in halves and rendered
     again, and the size that ran out is remembered for its shape (size and guidance): later
     batches of that shape are split before they are tried. The manifest records the size each
-    job was rendered at."""
+    job was rendered at.
 
-    def __init__(self, intermediates: IntermediatesSpec | None, reporter: Reporter) -> None:
-        self.intermediates = intermediates
+    Feedback iterations start from their parent job's image: this run's, kept in memory until
+    used, or a done one's file (a resumed chain goes on from its last finished image). A job
+    whose parent failed fails too; a re-run retries both."""
+
+    def __init__(self, plan: Plan, reporter: Reporter) -> None:
+        self.plan = plan
+        self.intermediates = plan.recipe.intermediates
         self.reporter = reporter
         self.limits: dict[tuple[int, int, bool], int] = {}  # shape → largest size to try
+        self.by_id = {planned.job.id: planned for planned in plan.jobs}
+        self.parents = {planned.job.parent_id for planned in plan.jobs if planned.job.parent_id}
+        self.parent_images: dict[str, Image.Image] = {}
 
     def render(
         self, engine: Engine, model: ModelSource, batch: list[PlannedJob]
+    ) -> list[FinishedJob]:
+        inits = {planned.job.id: self._init(planned.job) for planned in batch}
+        finished = self._render(engine, model, batch, inits)
+        for job in finished:
+            if job.image is not None and job.planned.job.id in self.parents:
+                self.parent_images[job.planned.job.id] = job.image
+        for planned in batch:  # each parent has one child: its image is used
+            self.parent_images.pop(planned.job.parent_id, None)
+        return finished
+
+    def _render(
+        self,
+        engine: Engine,
+        model: ModelSource,
+        batch: list[PlannedJob],
+        inits: dict[str, PreparedImage | str],
     ) -> list[FinishedJob]:
         first = batch[0].job
         shape = (first.width, first.height, first.cfg > 1)
@@ -161,18 +185,21 @@ class _BatchRenderer:
             return [
                 finished
                 for start in range(0, len(batch), limit)
-                for finished in self.render(engine, model, batch[start : start + limit])
+                for finished in self._render(engine, model, batch[start : start + limit], inits)
             ]
         started = time.perf_counter()
         jobs = [planned.job for planned in batch]
         recorder = None
+        images: list[Image.Image | None] = [None] * len(jobs)
         try:
-            inits = [_prepared(job.init_image.path, (job.width, job.height)) for job in jobs]
+            prepared = [inits[job.id] for job in jobs]
+            if missing := next((init for init in prepared if isinstance(init, str)), None):
+                raise MissingParentError(f"a job of this batch cannot start: {missing}")
             if self.intermediates and jobs[0].steps_taken:  # batches of one: Engine.render_batch
                 recorder = IntermediatesRecorder(
                     engine, mode=self.intermediates.mode, x0=self.intermediates.x0
                 )
-            images: list[Image.Image | None] = list(engine.render_batch(jobs, inits, recorder))
+            images = list(engine.render_batch(jobs, prepared, recorder))  # type: ignore[arg-type]
             error = ""
         except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
             if len(batch) > 1 and _out_of_memory(failure):
@@ -181,8 +208,8 @@ class _BatchRenderer:
                     f"a batch of {len(batch)} at {first.width}x{first.height} ran out of GPU "
                     f"memory: batches of {len(batch) // 2} from now on"
                 )
-                return self.render(engine, model, batch)
-            images, error = [None] * len(jobs), f"{type(failure).__name__}: {failure}"
+                return self._render(engine, model, batch, inits)
+            error = f"{type(failure).__name__}: {failure}"
         seconds = (time.perf_counter() - started) / len(jobs)
         frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
         return [
@@ -199,6 +226,26 @@ class _BatchRenderer:
             )
             for planned, image in zip(batch, images, strict=True)
         ]
+
+    def _init(self, job: Job) -> PreparedImage | str:
+        """The job's init image as prepared pixels; for a feedback iteration its parent's
+        image (with the original's transparency, so the chain redraws the same region), or
+        why that image is missing."""
+        prepared = _prepared(job.init_image.path, (job.width, job.height))
+        if not job.parent_id:
+            return prepared
+        image = self.parent_images.get(job.parent_id)
+        if image is None:
+            parent = self.by_id[job.parent_id]
+            if parent.status != "done":
+                return f"its parent job {job.parent_id[:8]} ({parent.job.index}) has no image"
+            with Image.open(self.plan.recipe.output / parent.path) as opened:
+                image = opened.convert("RGB")
+        return PreparedImage(image, prepared.alpha)
+
+
+class MissingParentError(RuntimeError):
+    """A feedback iteration whose parent job has no image (it failed)."""
 
 
 def _out_of_memory(failure: Exception) -> bool:
@@ -288,6 +335,11 @@ def run(
         shard = shard or shard_from_environment()
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    if shard and recipe.variation_mode == "feedback" and any(recipe.axes["variation_count"]):
+        raise BadInputError(
+            "feedback chains cannot be sharded: each image is the next one's init image, "
+            "made in one process. Run without --shard (or torchrun)"
+        )
     run_lock = _run_lock(recipe.output, shard)
     try:
         recipe.output.mkdir(parents=True, exist_ok=True)
@@ -467,7 +519,7 @@ def _make_images(
     failed = 0
     reporter.start(len(to_make))
     writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
-    renderer = _BatchRenderer(recipe.intermediates, reporter)
+    renderer = _BatchRenderer(plan, reporter)
     with _stop_on_signals(reporter) as stop:
         try:
             try:

@@ -111,17 +111,20 @@ def _slug(text: str) -> str:
 
 
 def image_filename(job: Job, index_width: int) -> str:
-    """`<index>-<init>-<prompt-slug>-f<strength>-s<steps>-S<seed>.png`, e.g.
+    """`<index>-<init>-<prompt-slug>-f<strength>-s<steps>-S<seed>[-V<variation seed>]
+    [-n<iteration>].png`, e.g.
     `0003-fire-drawing-cheery-open-fire-photograph-f0.40-s10-S1592514025.png`.
 
-    Only `[a-z0-9.-]`. The zero-padded index makes the name unique within a run; the rest is
+    Only `[a-zA-Z0-9.-]`. The zero-padded index makes the name unique within a run; the rest is
     there for people browsing the folder.
     """
     init = _slug(job.init_image.path.stem) or "init"
     prompt = _slug(job.prompt) or ("prompt" if job.prompt.strip() else "empty")
+    variation = f"-V{job.variation_seed}" if job.variation_seed is not None else ""
+    iteration = f"-n{job.iteration}" if job.iteration else ""
     return (
         f"{job.index:0{index_width}d}-{init}-{prompt}"
-        f"-f{job.strength:.2f}-s{job.steps}-S{job.seed}.png"
+        f"-f{job.strength:.2f}-s{job.steps}-S{job.seed}{variation}{iteration}.png"
     )
 
 
@@ -152,6 +155,8 @@ def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
         "Model hash": model_hash,
         "Model": model_name,
         "Denoising strength": float(job.strength),
+        "Variation seed": job.variation_seed if job.variation_seed is not None else "",
+        "Variation seed strength": job.variation_amount if job.variation_seed is not None else "",
         "Clip skip": job.clip_skip if job.clip_skip > 1 else "",
         "Version": f"batchgen {__version__}",
     }
@@ -190,8 +195,29 @@ def job_record(job: Job) -> dict[str, Any]:
         "vae": job.vae,
         "model_name": job.model_name,
         "dtype": job.dtype,
+        "variation_seed": job.variation_seed if job.variation_seed is not None else -1,
+        "variation_strength": float(job.variation_amount),
+        "with_variations": format_variations(job.with_variations),
+        "parent_id": job.parent_id,
+        "iteration": job.iteration,
+        "mask": mask_label(job),
+        "mask_blur": job.mask_blur if job.inpaints else 0,
+        "invert_mask": job.invert_mask if job.inpaints else False,
         "batchgen_version": __version__,
     }
+
+
+def format_variations(pairs: tuple[tuple[int, float], ...]) -> str:
+    """InvokeAI's -V text: `seed:amount,seed:amount`."""
+    return ",".join(f"{seed}:{amount:g}" for seed, amount in pairs)
+
+
+def mask_label(job: Job) -> str:
+    """The mask file as the recipe names it, `alpha` for the init image's transparency, or
+    "" when nothing is masked."""
+    if job.mask is not None:
+        return job.mask.label
+    return "alpha" if job.init_image.has_alpha else ""
 
 
 def write_image(
@@ -256,6 +282,14 @@ class ManifestRow:
     vae: str  # identity of the VAE that replaced the model's own; "" for the model's
     model_hash: str
     dtype: str
+    variation_seed: int  # A1111's "Variation seed"; -1: none
+    variation_strength: float  # A1111's "Variation seed strength"
+    with_variations: str  # the (seed:amount,…) pairs applied before it (InvokeAI -V)
+    parent_id: str  # feedback: the job whose image was the init image; "" for none
+    iteration: int  # feedback: 0 for a chain's first job
+    mask: str  # a mask file's label, "alpha" (the init's transparency), or "" (no mask)
+    mask_blur: int
+    invert_mask: bool
     device: str
     batch_size: int  # jobs in its denoising loop (pixels move within a level with it); 0: unknown
     fast_paths: str  # the speed-ups that were on (devices.FastPaths), comma-separated
@@ -346,9 +380,27 @@ def _end_of_complete_rows(data: bytes) -> int:
     return end
 
 
+# Columns added since batchgen 0.1, with the value they have in effect for rows written
+# before them. An older version's manifest is read with these, and rewritten once with them
+# (atomically) before this version appends to it.
+ADDED_COLUMNS: dict[str, object] = {
+    "batch_size": 0,
+    "fast_paths": "",
+    "variation_seed": -1,
+    "variation_strength": 0.0,
+    "with_variations": "",
+    "parent_id": "",
+    "iteration": 0,
+    "mask": "",
+    "mask_blur": 0,
+    "invert_mask": False,
+}
+
+
 class Ledger:
     """One manifest CSV file: one row per finished job, appended and fsynced row by row,
-    never rewritten. A job failed then redone has two rows; the latest wins."""
+    never rewritten (but once, atomically, to add the columns of a newer version). A job
+    failed then redone has two rows; the latest wins."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -363,6 +415,8 @@ class Ledger:
         )
         record = buffer.getvalue().encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._size_after_append is None:  # this process's first append
+            self._upgrade_older_version()
         with open(self.path, "a+b") as file:
             if file.seek(0, os.SEEK_END) == self._size_after_append:
                 prefix = b""
@@ -391,6 +445,26 @@ class Ledger:
             file.seek(0, os.SEEK_END)
         return b""
 
+    def _upgrade_older_version(self) -> None:
+        """Rewrite an older version's manifest with this version's header, its rows with the
+        added columns' values (a torn last row is cut off, as an append would)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        if _HEADER_LINE.encode("utf-8").startswith(data):
+            return  # empty, or a header torn by a kill: the append starts the file over
+        first_line = data.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+        if next(csv.reader([first_line])) == list(MANIFEST_COLUMNS):
+            return
+        rows = self.rows()  # a header of no batchgen version raises ManifestError here
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator=_LINE_END)
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in rows:
+            writer.writerow([_format_value(getattr(row, column)) for column in MANIFEST_COLUMNS])
+        write_file_atomically(self.path, buffer.getvalue().encode("utf-8"))
+
     def rows(self) -> list[ManifestRow]:
         """Every complete row, in file order; rows torn by a kill are skipped."""
         try:
@@ -402,7 +476,8 @@ class Ledger:
         if _HEADER_LINE.startswith(text):  # empty, or a header torn by a kill
             return []
         reader = csv.reader(io.StringIO(text, newline=""))
-        self._check_header(next(reader))
+        header = next(reader)
+        self._check_header(header)
         row_start = reader.line_num + 1
         records = []  # (first line of the row, its values)
         for record in reader:
@@ -413,16 +488,18 @@ class Ledger:
         # batchgen 0.1 closed a torn row rather than cutting it off: such a row has too few
         # values.
         return [
-            self._parse_row(line, record)
+            self._parse_row(line, header, record)
             for line, record in records
-            if len(record) == len(MANIFEST_COLUMNS)
+            if len(record) == len(header)
         ]
 
     def _check_header(self, header: list[str]) -> None:
-        if header == list(MANIFEST_COLUMNS):
-            return
+        """This version's header, or an older version's (this one's but for added columns)."""
         missing = [column for column in MANIFEST_COLUMNS if column not in header]
         unexpected = [column for column in header if column not in MANIFEST_COLUMNS]
+        if not unexpected and all(column in ADDED_COLUMNS for column in missing):
+            if [column for column in MANIFEST_COLUMNS if column in header] == header:
+                return
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
         raise ManifestError(
@@ -432,9 +509,9 @@ class Ledger:
             "every image) or use another output folder."
         )
 
-    def _parse_row(self, line: int, record: list[str]) -> ManifestRow:
-        values = {}
-        for column, text in zip(MANIFEST_COLUMNS, record, strict=True):
+    def _parse_row(self, line: int, header: list[str], record: list[str]) -> ManifestRow:
+        values: dict[str, object] = dict(ADDED_COLUMNS)  # overwritten by the file's columns
+        for column, text in zip(header, record, strict=True):
             try:
                 values[column] = _parse_value(column, text)
             except ValueError as error:

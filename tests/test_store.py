@@ -3,7 +3,9 @@ and run.log."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import hashlib
 import json
 import os
@@ -235,7 +237,8 @@ def test_manifest_columns_are_in_the_documented_order() -> None:
         "id", "status", "path", "index", "init_image", "init_image_sha256", "prompt",
         "negative_prompt", "strength", "steps", "steps_mode", "steps_nominal", "steps_taken",
         "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "model", "vae",
-        "model_hash", "dtype",
+        "model_hash", "dtype", "variation_seed", "variation_strength", "with_variations",
+        "parent_id", "iteration", "mask", "mask_blur", "invert_mask",
         "device", "batch_size", "fast_paths", "seconds", "sha256", "error", "finished_at",
         "batchgen_version",
     )  # fmt: skip
@@ -373,6 +376,31 @@ def test_foreign_manifest_header_raises_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ManifestError):
         manifest.append(make_row())
     assert manifest.path.read_text(encoding="utf-8") == "file,prompt,seed\nx.png,fire,1\n"
+
+
+def test_an_older_versions_manifest_is_read_and_upgraded_once_before_appending(
+    tmp_path: Path,
+) -> None:
+    manifest = Manifest(tmp_path)
+    old_row, new_row = make_row(make_job(seed=1)), make_row(make_job(seed=2))
+    manifest.append(old_row)
+    # batchgen 0.1's manifest: none of the columns added since.
+    header, *records = list(csv.reader(io.StringIO(manifest.path.read_text(encoding="utf-8"))))
+    kept = [k for k, column in enumerate(header) if column not in store.ADDED_COLUMNS]
+    with manifest.path.open("w", newline="", encoding="utf-8") as file:
+        csv.writer(file, lineterminator="\r\n").writerows(
+            [[line[k] for k in kept] for line in (header, *records)]
+        )
+
+    (read,) = Manifest(tmp_path).rows()
+    assert (read.batch_size, read.variation_seed, read.mask) == (0, -1, "")
+    assert read == dataclasses.replace(old_row, batch_size=0, fast_paths="")
+
+    Manifest(tmp_path).append(new_row)
+
+    assert Manifest(tmp_path).rows() == [read, new_row]
+    first_line = manifest.path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line == ",".join(MANIFEST_COLUMNS)
 
 
 def test_unreadable_value_in_a_complete_row_names_the_line(tmp_path: Path) -> None:
