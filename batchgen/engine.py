@@ -247,9 +247,13 @@ class Engine:
             )
             denoised = dict(zip(to_denoise, VaeImageProcessor.numpy_to_pil(pixels), strict=True))
         # Strength 0 "keeps the original intact" (seed doc); diffusers would fail there.
-        return [
+        images = [
             denoised[index] if index in denoised else init.rgb.copy()
             for index, init in enumerate(inits)
+        ]
+        return [
+            image.resize(job.final_size, PIL.Image.Resampling.LANCZOS) if job.final_size else image
+            for job, image in zip(jobs, images, strict=True)
         ]
 
     def render_pixels(

@@ -8,6 +8,7 @@ the job id records the size and the file's hash, not `fit`.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,20 @@ def output_size(
         return _round_down(width), _round_down(height)
     scale = min(width / src_w, height / src_h, 1.0)
     return _round_down(src_w * scale), _round_down(src_h * scale)
+
+
+def upscaled_size(size: tuple[int, int], native_side: int) -> tuple[int, int]:
+    """`size` scaled up, keeping its aspect, until its shorter side reaches `native_side`
+    (multiples of 8, rounded up); unchanged when it is that large already."""
+    width, height = size
+    if min(width, height) >= native_side:
+        return size
+    scale = native_side / min(width, height)
+    # The shorter side lands on native_side exactly; 1e-9 keeps float error from adding 8.
+    width, height = (
+        math.ceil(side * scale / LATENT_FACTOR - 1e-9) * LATENT_FACTOR for side in (width, height)
+    )
+    return width, height
 
 
 @dataclass(frozen=True)

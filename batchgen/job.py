@@ -86,6 +86,9 @@ class Job:
     # Feedback iterations (InvokeAI -n on img2img): the job whose image is this job's init.
     parent_id: str = ""
     iteration: int = 0  # 0: the chain's first job, from the init image itself
+    # upscale_small + keep_size: width × height is the (upscaled) size rendered at, and the
+    # image is scaled down to this size after.
+    final_size: tuple[int, int] | None = None
 
     @property
     def steps_nominal(self) -> int:
@@ -124,6 +127,8 @@ class Job:
             }
         if self.parent_id:
             fields["parent_id"] = self.parent_id
+        if self.final_size:
+            fields["final_size"] = list(self.final_size)
         return fields
 
     @property

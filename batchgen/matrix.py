@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
-from batchgen.images import output_size
+from batchgen.images import output_size, upscaled_size
+from batchgen.models import native_side
 from batchgen.job import Job, nominal_steps, taken_steps
 from batchgen.problems import Problem
 from batchgen.recipe import AXES, Recipe
@@ -84,6 +85,11 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
     width, height = output_size(
         (image.width, image.height), recipe.width, recipe.height, recipe.fit
     )
+    final_size = None
+    if recipe.upscale_small:
+        rendered = upscaled_size((width, height), native_side(combination["model"]))
+        final_size = (width, height) if recipe.keep_size and rendered != (width, height) else None
+        width, height = rendered
     return Job(
         index=index,
         init_image=image,
@@ -108,6 +114,7 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         mask=recipe.mask,
         mask_blur=recipe.mask_blur,
         invert_mask=recipe.invert_mask,
+        final_size=final_size,
     )
 
 

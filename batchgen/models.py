@@ -9,6 +9,7 @@ and nothing here ever downloads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,18 @@ class ModelSource:
     # single_file only: the diffusers folder whose configs describe the checkpoint. None for a
     # `.ckpt`, whose tensor shapes only torch can read: loading.py detects it at load time.
     config: Path | None = None
+
+
+@functools.lru_cache(maxsize=64)
+def native_side(model: ModelSource) -> int:
+    """The image side the model was trained at (its UNet's sample size × the VAE's 8), read
+    from its config; SD 1.x's 512 when no config can be read (a `.ckpt`)."""
+    folder = model.config or model.path
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 8
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
 
 
 class ModelNotFoundError(ValueError):

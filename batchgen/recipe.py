@@ -85,6 +85,8 @@ class Recipe:
     mask: InitImage | None = None  # one mask for every init image; None: their alpha
     mask_blur: int = 0
     invert_mask: bool = False
+    upscale_small: bool = False
+    keep_size: bool = False
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
 
@@ -136,6 +138,8 @@ class Recipe:
             "mask": {"path": self.mask.label, "sha256": self.mask.sha256} if self.mask else None,
             "mask_blur": self.mask_blur,
             "invert_mask": self.invert_mask,
+            "upscale_small": self.upscale_small,
+            "keep_size": self.keep_size,
             "grids": [grid.model_dump(exclude_none=True) for grid in self.grids],
         }
 
@@ -250,6 +254,8 @@ class _Resolver:
             mask=self._mask(),
             mask_blur=shape.mask_blur,
             invert_mask=shape.invert_mask,
+            upscale_small=shape.upscale_small,
+            keep_size=shape.keep_size,
             lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
             warnings=tuple(self.warnings),
         )

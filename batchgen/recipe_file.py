@@ -238,6 +238,14 @@ class RecipeFile(_Strict):
     fit: StrictBool = Field(
         default=False, description="Downscale the init image to fit width×height, keeping aspect"
     )
+    upscale_small: StrictBool = Field(
+        default=False,
+        description="Scale init images smaller than the model's native size (512 for SD 1.x) up "
+        "to it before encoding (the seed doc: img2img misbehaves below it)",
+    )
+    keep_size: StrictBool = Field(
+        default=False, description="With upscale_small: scale each output back down to its size"
+    )
     variations: Variations = Field(default_factory=Variations)
     with_variations: list[tuple[Seed, VariationAmount]] = Field(
         default_factory=list,

@@ -127,13 +127,14 @@ def _prepared(path: Path, size: tuple[int, int]) -> PreparedImage:
 
 
 def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
-    """The seed doc's warning, once per image rather than once per job."""
-    for image in dict.fromkeys(job.init_image for job in jobs):
-        if min(image.width, image.height) < SMALL_IMAGE_SIDE:  # size read at validation
-            reporter.message(
-                f"warning: {image.label} is {image.width}x{image.height}; img2img does not work "
-                "properly on init images smaller than 512x512 — scale it up for a real model"
-            )
+    """The seed doc's warning, once per init image rendered below 512 px rather than once
+    per job."""
+    small = {job.init_image: job for job in jobs if min(job.width, job.height) < SMALL_IMAGE_SIDE}
+    for image, job in small.items():
+        reporter.message(
+            f"warning: {image.label} renders at {job.width}x{job.height}; img2img does not work "
+            "properly below 512x512 — for a real model, scale it up or set `upscale_small: true`"
+        )
 
 
 class _BatchRenderer:
@@ -241,6 +242,8 @@ class _BatchRenderer:
                 return f"its parent job {job.parent_id[:8]} ({parent.job.index}) has no image"
             with Image.open(self.plan.recipe.output / parent.path) as opened:
                 image = opened.convert("RGB")
+        if image.size != prepared.rgb.size:  # kept at its size by keep_size
+            image = image.resize(prepared.rgb.size, Image.Resampling.LANCZOS)
         return PreparedImage(image, prepared.alpha)
 
 

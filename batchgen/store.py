@@ -188,9 +188,10 @@ def job_record(job: Job) -> dict[str, Any]:
         "seed": int(job.seed),
         "scheduler": job.scheduler,
         "clip_skip": job.clip_skip,
-        "width": job.width,
-        "height": job.height,
+        "width": (job.final_size or (job.width, job.height))[0],  # the image's size
+        "height": (job.final_size or (job.width, job.height))[1],
         "fit": job.fit,
+        "render_size": f"{job.width}x{job.height}" if job.final_size else "",
         "model": job.model,
         "vae": job.vae,
         "model_name": job.model_name,
@@ -278,6 +279,7 @@ class ManifestRow:
     width: int
     height: int
     fit: bool
+    render_size: str  # upscale_small + keep_size: "WxH" rendered before scaling down; else ""
     model: str  # model identity
     vae: str  # identity of the VAE that replaced the model's own; "" for the model's
     model_hash: str
@@ -386,6 +388,7 @@ def _end_of_complete_rows(data: bytes) -> int:
 ADDED_COLUMNS: dict[str, object] = {
     "batch_size": 0,
     "fast_paths": "",
+    "render_size": "",
     "variation_seed": -1,
     "variation_strength": 0.0,
     "with_variations": "",

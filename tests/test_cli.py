@@ -242,7 +242,7 @@ def test_plan_counts_done_and_to_do_and_steps_taken(recipe: Path) -> None:
 
 def test_small_init_image_warning_is_printed_once_per_image(recipe: Path) -> None:
     code, output = invoke("run", str(recipe))
-    assert output.count("smaller than 512x512") == 1
+    assert output.count("does not work properly below 512x512") == 1
 
 
 def test_schema_is_json_for_editors() -> None:

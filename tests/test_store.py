@@ -236,7 +236,8 @@ def test_manifest_columns_are_in_the_documented_order() -> None:
     assert MANIFEST_COLUMNS == (
         "id", "status", "path", "index", "init_image", "init_image_sha256", "prompt",
         "negative_prompt", "strength", "steps", "steps_mode", "steps_nominal", "steps_taken",
-        "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "model", "vae",
+        "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "render_size", "model",
+        "vae",
         "model_hash", "dtype", "variation_seed", "variation_strength", "with_variations",
         "parent_id", "iteration", "mask", "mask_blur", "invert_mask",
         "device", "batch_size", "fast_paths", "seconds", "sha256", "error", "finished_at",
