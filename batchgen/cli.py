@@ -344,8 +344,10 @@ _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
     "cfg": lambda job: f"{job.cfg:g}",
     "seed": lambda job: str(job.seed),
     "scheduler": lambda job: job.scheduler,
-    "size": lambda job: f"{job.width}x{job.height}"
-    + (f"→{job.final_size[0]}x{job.final_size[1]}" if job.final_size else ""),
+    "size": lambda job: (
+        f"{job.width}x{job.height}"
+        + (f"→{job.final_size[0]}x{job.final_size[1]}" if job.final_size else "")
+    ),
     "variation": lambda job: (
         f"{job.variation_seed} @{job.variation_amount:g}" if job.variation_seed is not None else "—"
     ),

@@ -27,14 +27,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from batchgen.batching import auto_batch_size, batch_key, cpu_decode_size
-from batchgen.masks import composite, latent_mask, redraw_mask
-from batchgen.variations import varied_noise
 from batchgen.devices import DTYPES, NO_FAST_PATHS, FastPaths, default_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
 from batchgen.loading import load_components
+from batchgen.masks import composite, latent_mask, redraw_mask
 from batchgen.models import ModelSource
 from batchgen.schedulers import scheduler_spec
+from batchgen.variations import varied_noise
 
 # A diffusers scheduler. Their shared base, SchedulerMixin, does not declare the methods every
 # one of them has (set_timesteps, scale_model_input, step, add_noise), so type checkers can't.
@@ -313,7 +313,9 @@ class Engine:
                 # The kept region back, at the noise level of the step to come (clean after
                 # the last): the model paints the rest to fit around it.
                 known = (
-                    scheduler.add_noise(init_latents, noise, timesteps[index:][:1].repeat(len(jobs)))
+                    scheduler.add_noise(
+                        init_latents, noise, timesteps[index:][:1].repeat(len(jobs))
+                    )
                     if index < len(timesteps)
                     else init_latents
                 )
@@ -419,7 +421,8 @@ class Engine:
     def init_posterior(self, job: Job, init: PreparedImage) -> DiagonalGaussianDistribution:
         """`encode_init_image` through the posterior cache. The key is the init file's hash
         (for a feedback iteration, its parent's id) and the job's size, which fix the prepared
-        pixels (`images.prepare`); `fit` only chose the size. Encoded alone, as the pipeline encodes each image of a batch."""
+        pixels (`images.prepare`); `fit` only chose the size. Encoded alone, as the pipeline
+        encodes each image of a batch."""
         key = (job.parent_id or job.init_image.sha256, job.width, job.height)
         return self.posterior_cache.get(key, lambda: self.encode_init_image(init))
 

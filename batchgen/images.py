@@ -46,7 +46,7 @@ def read_header(path: Path) -> ImageHeader:
         with Image.open(path) as image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-            has_alpha = _has_alpha(image)
+            transparent = has_alpha(image)
     except Image.DecompressionBombError:
         raise InitImageError(
             f"{path} is over the limit of {MAX_INIT_PIXELS:,} pixels (a decompression bomb?); "
@@ -61,10 +61,10 @@ def read_header(path: Path) -> ImageHeader:
         )
     if orientation in _QUARTER_TURNS:
         width, height = height, width
-    return ImageHeader(width, height, hashlib.sha256(data).hexdigest(), has_alpha)
+    return ImageHeader(width, height, hashlib.sha256(data).hexdigest(), transparent)
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
@@ -120,7 +120,7 @@ def prepare(path: Path, size: tuple[int, int]) -> PreparedImage:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
-    if _has_alpha(image):
+    if has_alpha(image):
         image = image.convert("RGBA")
         # The colour under transparent pixels is kept: it is the starting point there.
         rgb, alpha = image.convert("RGB"), image.getchannel("A")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from batchgen.images import PreparedImage
+from batchgen.images import PreparedImage, has_alpha
 from batchgen.job import Job
 
 
@@ -48,9 +48,9 @@ def _mask_file(path: Path, size: tuple[int, int]) -> Image.Image:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if has_alpha and image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
-        mask = ImageOps.invert(image.convert("RGBA").getchannel("A"))
+    alpha = image.convert("RGBA").getchannel("A") if has_alpha(image) else None
+    if alpha is not None and alpha.getextrema() != (255, 255):
+        mask = ImageOps.invert(alpha)
     else:
         mask = image.convert("L")
     return mask.resize(size, Image.Resampling.BILINEAR) if mask.size != size else mask

@@ -20,8 +20,8 @@ from dataclasses import replace
 from typing import Any
 
 from batchgen.images import output_size, upscaled_size
-from batchgen.models import native_side
 from batchgen.job import Job, nominal_steps, taken_steps
+from batchgen.models import native_side
 from batchgen.problems import Problem
 from batchgen.recipe import AXES, Recipe
 
@@ -137,9 +137,7 @@ def _family(recipe: Recipe, job: Job, combination: Combination) -> Iterator[Job]
             yield parent
     elif amount > 0:
         for number in range(1, count + 1):
-            yield replace(
-                job, variation_seed=variation_seed(job, number), variation_amount=amount
-            )
+            yield replace(job, variation_seed=variation_seed(job, number), variation_amount=amount)
 
 
 def expand(recipe: Recipe, dtype: str) -> Iterator[Job]:

@@ -35,7 +35,6 @@ from batchgen.plan import Plan, PlannedJob, Redo, make_plan
 from batchgen.problems import RecipeError
 from batchgen.progress import Reporter, make_reporter
 from batchgen.recipe import Recipe, load_recipe
-from batchgen.recipe_file import IntermediatesSpec
 from batchgen.report import write_report
 from batchgen.resume import orphans, remove_temp_files
 from batchgen.runlock import LOCKS_DIR, RunLock

@@ -500,9 +500,9 @@ class Ledger:
         """This version's header, or an older version's (this one's but for added columns)."""
         missing = [column for column in MANIFEST_COLUMNS if column not in header]
         unexpected = [column for column in header if column not in MANIFEST_COLUMNS]
-        if not unexpected and all(column in ADDED_COLUMNS for column in missing):
-            if [column for column in MANIFEST_COLUMNS if column in header] == header:
-                return
+        in_order = [column for column in MANIFEST_COLUMNS if column in header] == header
+        if not unexpected and in_order and all(column in ADDED_COLUMNS for column in missing):
+            return
         problems = [f"missing {', '.join(missing)}"] if missing else []
         problems += [f"unexpected {', '.join(unexpected)}"] if unexpected else []
         raise ManifestError(

@@ -36,6 +36,8 @@ def varied_noise(job: Job, noise: torch.Tensor) -> torch.Tensor:
     as the job's own noise is, so it is the same on every device."""
     for seed, amount in job.variations:
         generator = torch.Generator("cpu").manual_seed(seed)
-        other = randn_tensor(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+        other = randn_tensor(
+            noise.shape, generator=generator, device=noise.device, dtype=noise.dtype
+        )
         noise = slerp(amount, noise, other)
     return noise

@@ -45,9 +45,7 @@ def test_chains_link_each_job_to_the_one_before(tmp_path: Path) -> None:
         assert [job.parent_id for job in chain] == ["", chain[0].id, chain[1].id]
 
 
-def test_each_iteration_starts_from_the_image_before_it(
-    tmp_path: Path, engine: Engine
-) -> None:
+def test_each_iteration_starts_from_the_image_before_it(tmp_path: Path, engine: Engine) -> None:
     recipe = write_recipe(tmp_path, RECIPE)
     code, output = invoke("run", str(recipe))
     assert code == 0, output

@@ -34,9 +34,7 @@ def holed_picture(path: Path, hidden: tuple[int, int, int], alpha_in_hole: int =
 
 def init_image(path: Path) -> InitImage:
     header = read_header(path)
-    return InitImage(
-        path, path.name, header.sha256, header.width, header.height, header.has_alpha
-    )
+    return InitImage(path, path.name, header.sha256, header.width, header.height, header.has_alpha)
 
 
 def on(job: Job, path: Path, **changes: object) -> Job:
@@ -57,13 +55,13 @@ def opaque_ring(pixels: np.ndarray, margin: int) -> np.ndarray:
     """The pixels at least `margin` px outside the hole."""
     keep = np.ones(pixels.shape[:2], dtype=bool)
     left, top, right, bottom = HOLE
-    keep[max(0, top - margin) : bottom + margin + 1, max(0, left - margin) : right + margin + 1] = False
+    keep[max(0, top - margin) : bottom + margin + 1, max(0, left - margin) : right + margin + 1] = (
+        False
+    )
     return pixels[keep]
 
 
-def test_only_the_transparent_region_is_redrawn(
-    tmp_path: Path, engine: Engine, job: Job
-) -> None:
+def test_only_the_transparent_region_is_redrawn(tmp_path: Path, engine: Engine, job: Job) -> None:
     path = holed_picture(tmp_path / "hole.png", HIDDEN_BLUE)
     original = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
@@ -142,7 +140,8 @@ def test_a_latent_is_redrawn_where_any_pixel_under_it_is() -> None:
 
 def test_a_run_records_the_mask_and_inpainting_changes_the_job_id(tmp_path: Path) -> None:
     recipe = write_recipe(
-        tmp_path, "init_images: [pictures/hole.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
+        tmp_path,
+        "init_images: [pictures/hole.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
         "seeds: [1]\nmask_blur: [2]\n".replace("mask_blur: [2]", "mask_blur: 2"),
     )
     holed_picture(tmp_path / "pictures" / "hole.png", HIDDEN_BLUE)

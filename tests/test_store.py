@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import hashlib
+import io
 import json
 import os
 import re

@@ -82,7 +82,9 @@ def test_each_job_is_followed_by_its_variations_with_seeds_derived_from_it(
 
 
 def test_no_amount_or_no_count_means_no_variations(tmp_path: Path) -> None:
-    path = write_recipe(tmp_path, RECIPE.replace("count: 2, amount: [0.1, 0.5]", "count: 3, amount: 0"))
+    path = write_recipe(
+        tmp_path, RECIPE.replace("count: 2, amount: [0.1, 0.5]", "count: 3, amount: 0")
+    )
     assert [job.variation_seed for job in expand(load_recipe(path), "float32")] == [None, None]
     path.write_text(path.read_text().replace("count: 3, amount: 0", "count: [0, 1], amount: 0.2"))
     # count 0 gives the job alone, count 1 the job (already there) and one variation.
@@ -102,7 +104,9 @@ def test_a_run_records_variations_in_the_manifest_and_the_png(tmp_path: Path) ->
     ]
     with Image.open(tmp_path / "out" / rows[1]["path"]) as image:
         parameters = image.text["parameters"]  # type: ignore[attr-defined]
-    assert f"Variation seed: {rows[1]['variation_seed']}, Variation seed strength: 0.1" in parameters
+    assert (
+        f"Variation seed: {rows[1]['variation_seed']}, Variation seed strength: 0.1" in parameters
+    )
     assert f"-V{rows[1]['variation_seed']}.png" in rows[1]["path"]
     with (tmp_path / "out" / "manifest.csv").open(newline="") as file:
         assert "variation_seed" in next(csv.reader(file))
