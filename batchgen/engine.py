@@ -20,6 +20,7 @@ import diffusers
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import logging as diffusers_logging
@@ -68,6 +69,8 @@ PROMPT_CACHE_ENTRIES = 256
 # A posterior holds its parameters, log-variance, std and variance, 20 floats per latent
 # pixel: 0.3 MB at 512 × 512 in float32. A sweep has few init images; 64 sizes is plenty.
 POSTERIOR_CACHE_ENTRIES = 64
+# SD inpainting UNets take the latents (4), the mask (1) and the masked image's latents (4).
+INPAINTING_UNET_CHANNELS = 9
 
 CachedValue = TypeVar("CachedValue")
 
@@ -287,7 +290,10 @@ class Engine:
             jobs, posteriors, scheduler, timesteps[:1], generators
         )
         masks = [redraw_mask(job, init) for job, init in zip(jobs, inits, strict=True)]
-        keep = self.kept_latents(masks, latents)
+        # An inpainting UNet sees the mask and the kept pixels itself; any other is blended.
+        inpainting = self.unet.config.in_channels == INPAINTING_UNET_CHANNELS
+        conditioning = self.inpainting_conditioning(masks, inits, latents) if inpainting else None
+        keep = None if inpainting else self.kept_latents(masks, latents)
         extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generators)
 
         if on_step is not None:
@@ -297,6 +303,9 @@ class Engine:
                 torch.cat([latents] * 2) if do_classifier_free_guidance else latents
             )
             latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+            if conditioning is not None:
+                extra = torch.cat([conditioning] * 2) if do_classifier_free_guidance else conditioning
+                latent_model_input = torch.cat([latent_model_input, extra], dim=1)
             noise_pred = self.unet(
                 latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
             )[0]
@@ -328,6 +337,34 @@ class Engine:
             if mask is not None:
                 pixels[sample] = composite(pixels[sample], init.rgb, mask)
         return pixels
+
+    def inpainting_conditioning(
+        self,
+        masks: Sequence[np.ndarray | None],
+        inits: Sequence[PreparedImage],
+        latents: torch.Tensor,
+    ) -> torch.Tensor:
+        """A 9-channel inpainting UNet's extra input, b × 5 × h × w, as diffusers' inpainting
+        pipeline builds it: the mask at latent size (1: redraw, thresholded at 0.5) and the
+        latents of the init image with the redrawn part blanked (the posterior's mean, so the
+        samples' random streams stay the img2img ones). No mask: everything is redrawn."""
+        size = (latents.shape[-2], latents.shape[-1])
+        parts = []
+        for mask, init in zip(masks, inits, strict=True):
+            image = self.image_processor.preprocess(init.rgb).to(self.device, self.torch_dtype)
+            redraw = (
+                torch.ones_like(image[:, :1])
+                if mask is None
+                else (torch.from_numpy(mask) >= 0.5)[None, None].to(image)
+            )
+            blanked = self.vae.encode(image * (redraw < 0.5)).latent_dist.mode()
+            parts.append(
+                torch.cat(
+                    [F.interpolate(redraw, size=size), blanked * self.vae.config.scaling_factor],
+                    dim=1,
+                )
+            )
+        return torch.cat(parts).to(latents.dtype)
 
     def kept_latents(
         self, masks: Sequence[np.ndarray | None], latents: torch.Tensor

@@ -4,16 +4,19 @@ them; the opaque rest stays the original. A mask file does the same for any init
 from __future__ import annotations
 
 from dataclasses import replace
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from batchgen.engine import Engine
 from batchgen.images import prepare, read_header
 from batchgen.job import InitImage, Job
 from batchgen.masks import latent_mask, redraw_mask
+from batchgen.models import ModelSource, resolve_model
 from tests.test_cli import invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -153,3 +156,40 @@ def test_a_run_records_the_mask_and_inpainting_changes_the_job_id(tmp_path: Path
     recipe.write_text(recipe.read_text().replace("mask_blur: 2", "mask_blur: 3"))
     code, output = invoke("run", str(recipe))
     assert code == 0 and "1 made" in output  # another blur is another image
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory: pytest.TempPathFactory, tiny: ModelSource) -> ModelSource:
+    """builtin:tiny with its UNet widened to SD inpainting's 9 input channels (random
+    weights: this checks what the UNet is given, not what it paints)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("inpainting") / "tiny-inpainting"
+    shutil.copytree(tiny.path, folder)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"))
+    shutil.rmtree(folder / "unet")
+    UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(folder / "unet")
+    return resolve_model(str(folder), folder.parent)
+
+
+def test_an_inpainting_unet_is_given_the_mask_and_the_kept_image(
+    tmp_path: Path, inpainting_model: ModelSource, job: Job
+) -> None:
+    engine = Engine(inpainting_model, device="cpu")
+    seen: list[torch.Tensor] = []
+    engine.unet.conv_in.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0]))
+    path = holed_picture(tmp_path / "hole.png", HIDDEN_BLUE)
+    original = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    holed = on(job, path, model=inpainting_model.identity, mask_blur=0)
+
+    made = render(engine, holed)
+
+    first = seen[0]  # guided: unconditional and conditional halves, 4 + 1 + 4 channels
+    assert first.shape == (2, 9, SIZE // 8, SIZE // 8)
+    mask = first[0, 4]
+    assert mask[0, 0] == 0 and mask[4, 4] == 1  # a corner is kept, the hole's middle redrawn
+    assert np.array_equal(opaque_ring(made, margin=1), opaque_ring(original, margin=1))
+    plain = tmp_path / "plain.png"
+    Image.open(path).convert("RGB").save(plain)
+    render(engine, on(job, plain, model=inpainting_model.identity))  # no mask: all redrawn
+    assert bool((seen[-1][:, 4] == 1).all())
