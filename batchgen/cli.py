@@ -32,7 +32,7 @@ from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.status import NotARunFolderError, run_status
 from batchgen.status import describe as describe_status
-from batchgen.store import ManifestError, read_lock_file
+from batchgen.store import ManifestError, mask_label, read_lock_file
 
 EXIT_BAD_INPUT = 2
 
@@ -352,9 +352,14 @@ _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
         f"{job.variation_seed} @{job.variation_amount:g}" if job.variation_seed is not None else "—"
     ),
     "iteration": lambda job: str(job.iteration),
+    "mask": lambda job: (
+        f"{mask_label(job)} (blur {job.mask_blur}{', inverted' if job.invert_mask else ''})"
+        if job.inpaints
+        else "—"
+    ),
 }
 # Columns not worth the fixed line when no job uses them.
-_PLAN_UNUSED = {"variation": "—", "iteration": "0"}
+_PLAN_UNUSED = {"variation": "—", "iteration": "0", "mask": "—"}
 
 
 def _varies(show: Callable[[Job], str], jobs: list[Job]) -> bool:

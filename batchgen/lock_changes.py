@@ -31,6 +31,15 @@ _PIXEL_KEYS = (
     "fit",
     "include",
     "exclude",
+    "variation_count",
+    "variation_amount",
+    "variation_mode",
+    "with_variations",
+    "mask",
+    "mask_blur",
+    "invert_mask",
+    "upscale_small",
+    "keep_size",
 )
 
 
@@ -84,6 +93,7 @@ def lock_changes(old: dict[str, Any], new: dict[str, Any]) -> LockChanges:
                     "again; the images made before stay, made from the old content"
                 )
     for key in _PIXEL_KEYS:
-        if old.get(key) != new.get(key):
+        # A key the last run's lock lacks came with a newer version, not with an edit.
+        if key in old and old.get(key) != new.get(key):
             changes.changed.append(f"{key}: {_short(old.get(key))} → {_short(new.get(key))}")
     return changes

@@ -247,3 +247,22 @@ def test_an_output_folder_that_cannot_be_made_is_bad_input(recipe: Path, tmp_pat
     code, output = invoke("run", str(recipe), "--output", str(tmp_path / "a-file" / "run"))
     assert code == 2
     assert f"cannot write to the output folder {tmp_path / 'a-file' / 'run'}" in output
+
+
+def test_keys_a_newer_version_added_to_the_lock_are_not_reported_as_edits(
+    recipe: Path, done: Path
+) -> None:
+    lock_path = done / LOCK_FILE_NAME
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
+    for key in ("mask", "mask_blur", "variation_mode", "upscale_small"):  # batchgen 0.2's lock
+        del lock[key]
+    lock_path.write_text(yaml.safe_dump(lock), encoding="utf-8")
+
+    code, output = invoke("plan", str(recipe))
+
+    assert code == 0 and "changed since the last run" not in output
+    recipe.write_text(recipe.read_text() + "mask_blur: 8\n")
+    lock_path.write_text(yaml.safe_dump(lock | {"mask_blur": 4}), encoding="utf-8")
+    assert "changed since the last run in this folder: mask_blur: 4 → 8" in invoke(
+        "plan", str(recipe)
+    )[1]
