@@ -304,7 +304,9 @@ class Engine:
             )
             latent_model_input = scheduler.scale_model_input(latent_model_input, t)
             if conditioning is not None:
-                extra = torch.cat([conditioning] * 2) if do_classifier_free_guidance else conditioning
+                extra = (
+                    torch.cat([conditioning] * 2) if do_classifier_free_guidance else conditioning
+                )
                 latent_model_input = torch.cat([latent_model_input, extra], dim=1)
             noise_pred = self.unet(
                 latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False

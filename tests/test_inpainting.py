@@ -3,8 +3,8 @@ them; the opaque rest stays the original. A mask file does the same for any init
 
 from __future__ import annotations
 
-from dataclasses import replace
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

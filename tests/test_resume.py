@@ -263,6 +263,7 @@ def test_keys_a_newer_version_added_to_the_lock_are_not_reported_as_edits(
     assert code == 0 and "changed since the last run" not in output
     recipe.write_text(recipe.read_text() + "mask_blur: 8\n")
     lock_path.write_text(yaml.safe_dump(lock | {"mask_blur": 4}), encoding="utf-8")
-    assert "changed since the last run in this folder: mask_blur: 4 → 8" in invoke(
-        "plan", str(recipe)
-    )[1]
+    assert (
+        "changed since the last run in this folder: mask_blur: 4 → 8"
+        in invoke("plan", str(recipe))[1]
+    )
