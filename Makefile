@@ -56,7 +56,7 @@ format: setup
 	$(BIN)/ruff check --fix batchgen tests tools benchmarks
 
 tiny-model: setup
-	@echo "training builtin:tiny on the CPU: about an hour on 2 cores (resumes from build/tiny-training/)"
+	@echo "training builtin:tiny on the CPU: about 35 minutes on 2 cores (resumes from build/tiny-training/)"
 	nice -n 15 $(BIN)/python tools/train_tiny.py
 
 clean:

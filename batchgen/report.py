@@ -530,6 +530,16 @@ _TABLE_COLUMNS: tuple[_Column, ...] = (
     _Column("seed", lambda job: _e(job.row.seed), numeric=True, css="number"),
     _Column("scheduler", lambda job: _e(job.row.scheduler)),
     _Column(
+        "variation",
+        lambda job: (
+            _e(f"{job.row.variation_seed} @{job.row.variation_strength:g}")
+            if job.row.variation_seed >= 0
+            else ""
+        ),
+    ),
+    _Column("iteration", lambda job: _e(job.row.iteration), numeric=True, css="number"),
+    _Column("mask", lambda job: _e(job.row.mask), shown="non-empty"),
+    _Column(
         "size",
         lambda job: _e(f"{job.row.width}x{job.row.height}"),
         numeric=True,
