@@ -24,11 +24,12 @@ FIRE_DRAWING = Path(__file__).resolve().parent.parent / "recipes" / "pictures" /
 SIZE = (128, 128)  # width, height of the strength tests
 STRENGTHS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 # RMS distances are of RGB in [0, 1]. Measured values are in each test's comment.
-PSNR_FLOOR = 15.0  # dB, fire drawing at 256 px
+PSNR_FLOOR = 19.0  # dB, fire drawing at 256 px
 MONOTONE_SLACK = 0.02  # a step up in strength may bring the output this much closer
 SPREAD = 0.08  # how much further 0.9 must be than 0.1
 NEAR = 0.23  # strength 0.4 stays this close to the drawing
-FAR = 0.28  # strength 1.0 is at least this far from its init
+FAR = 0.25  # strength 1.0 is at least this far from its init
+FURTHER = 1.5  # and this many times as far as strength 0.3
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,7 +89,8 @@ def test_the_vae_round_trips_a_drawing(engine: Engine) -> None:
     latents = engine.encode_init_image(init).mode() * engine.vae.config.scaling_factor
     round_trip = engine.decode(latents)
 
-    # Measured: 17.1 dB on the fire drawing (never trained on).
+    # Measured: 19.8 dB on the fire drawing (never trained on); the 8x8 block averages the
+    # VAE started from give 18.3 dB.
     assert psnr(round_trip, pixels(init)) >= PSNR_FLOOR
 
 
@@ -103,8 +105,8 @@ def test_higher_strength_departs_further_from_the_init_image(
         for s in STRENGTHS
     ]
 
-    # Measured: 0.165 0.183 0.178 0.185 0.191 0.212 0.237 0.272 0.305 (0.1 is mostly the
-    # VAE's own round-trip error at 128 px; the one dip is 0.005).
+    # Measured: 0.125 0.165 0.169 0.162 0.175 0.187 0.210 0.240 0.279 (0.1 is mostly the
+    # VAE's own round-trip error at 128 px; the one dip is 0.007).
     assert all(
         later >= earlier - MONOTONE_SLACK
         for earlier, later in zip(distances, distances[1:], strict=False)
@@ -116,12 +118,10 @@ def test_higher_strength_departs_further_from_the_init_image(
 def test_strength_one_ignores_the_init_image(
     engine: Engine, tiny: ModelSource, sunset_path: Path
 ) -> None:
-    outputs, inits = [], []
     for path in (FIRE_DRAWING, sunset_path):
         init = prepare(path, SIZE)
-        inits.append(pixels(init))
-        outputs.append(pixels(engine.render(make_job(path, tiny, strength=1.0), init)))
+        ignored = rms_distance(pixels(engine.render(make_job(path, tiny, 1.0), init)), pixels(init))
+        kept = rms_distance(pixels(engine.render(make_job(path, tiny, 0.3), init)), pixels(init))
 
-    # Measured: 0.340 (fireplace) and 0.350 (sunset); both are about 0.18 at strength 0.3.
-    for output, init in zip(outputs, inits, strict=True):
-        assert rms_distance(output, init) >= FAR
+        # Measured: 0.336 (fireplace) and 0.283 (sunset); at strength 0.3, 0.169 and 0.123.
+        assert ignored >= FAR and ignored >= FURTHER * kept, (path.name, ignored, kept)

@@ -5,9 +5,10 @@ brick-like line patterns, strokes and text in Pillow's built-in font (Aileron, C
 of drawing in recipes/pictures/. Nothing is downloaded.
 
 Phases, each seeded, each resuming from its own checkpoint under --work-dir:
-  vae    AutoencoderKL (SD layout: 4 latent channels, 8x down) on 64 px crops of 256 px
-         drawings (the drawings at their real scale); loss MSE + L1 + L1 on image gradients +
-         1e-6 KL; AdamW, warm-up then cosine decay. Every `eval_every` steps: PSNR of the
+  vae    AutoencoderKL (SD layout: 4 latent channels, 8x down), starting as 8x8 block
+         averages (vae_init.py), on 64 px crops of 256 px drawings (the drawings at their
+         real scale); loss MSE + 0.1 x (L1 + L1 on image gradients) + 1e-6 KL; AdamW, warm-up
+         then cosine decay. Every `eval_every` steps: PSNR of the
          decoded posterior mean on held-out 256 px drawings (another seed) and on
          recipes/pictures/fire-drawing.png, into vae-psnr.csv.
   unet   UNet2DConditionModel as an epsilon predictor on the VAE's latents of 256 px drawings,
@@ -20,7 +21,7 @@ Phases, each seeded, each resuming from its own checkpoint under --work-dir:
     python tools/train_tiny.py [--phase all|vae|unet|write] [--output DIR]
 
 One torch thread (results change in the last bits with the thread count). On a 2-core machine
-shared with other work, the default settings take about 40 minutes.
+shared with other work, the default settings take about 35 minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image, ImageDraw, ImageFont
+from vae_init import start_as_block_average
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = REPO_ROOT / "build" / "tiny-training"
@@ -53,15 +55,19 @@ HELD_OUT_COUNT = 8
 
 @dataclass(frozen=True)
 class VaeSettings:
-    steps: int = 1600  # the length of the learning-rate schedule
-    stop: int = 1600  # where training stops (the shipped model stopped early: see the card)
+    steps: int = 2000  # the length of the learning-rate schedule
+    stop: int = 2000  # where training stops
     batch: int = 8  # crops per step, 2 from each of batch/2 fresh pictures
     crop: int = 64
-    lr: float = 1.5e-3
-    min_lr: float = 5e-5
+    # Low: training starts from block averages (22.5 dB, see vae_init.py) and a high rate
+    # first undoes what they give (trial runs, 100 steps in: 17.8 dB at 1.5e-3, 21.0 at 2e-4).
+    lr: float = 2e-4
+    min_lr: float = 1e-5
     warmup: int = 100
+    # MSE (what PSNR measures) leads; a little L1 on pixels and their gradients keeps
+    # outlines sharp.
+    detail_weight: float = 0.1
     kl_weight: float = 1e-6
-    edge_weight: float = 0.5
     eval_every: int = 50
 
 
@@ -243,15 +249,6 @@ def edge_l1(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(reconstruction), dx(target)) + F.l1_loss(dy(reconstruction), dy(target))
 
 
-def start_with_a_narrow_posterior(vae: AutoencoderKL) -> None:
-    """Start the posterior's std near 0.02 instead of 1: a random encoder's latent means are
-    small, and unit-variance samples would drown them, so the decoder would first learn to
-    ignore its input (a plateau at the mean colour). The tiny KL weight keeps it narrow."""
-    with torch.no_grad():
-        logvar_bias = vae.quant_conv.bias[vae.config.latent_channels :]
-        logvar_bias.fill_(-8.0)
-
-
 def train_vae(work_dir: Path, settings: VaeSettings) -> AutoencoderKL:
     checkpoint_path = work_dir / "vae.pt"
     curve_path = work_dir / "vae-psnr.csv"
@@ -268,13 +265,19 @@ def train_vae(work_dir: Path, settings: VaeSettings) -> AutoencoderKL:
         start = state["step"]
     else:
         torch.manual_seed(TRAIN_SEED)
-        start_with_a_narrow_posterior(vae)
+        start_as_block_average(vae)
         curve_path.write_text("step,seconds,loss,held_out_psnr,fire_drawing_psnr\n")
     if start >= settings.stop:
         return vae
 
     held_out = held_out_pictures()
     fire = to_tensor([Image.open(FIRE_DRAWING).convert("RGB")])
+    if start == 0:  # the block averages' own score: where training starts from
+        with curve_path.open("a") as curve:
+            curve.write(
+                f"0,0,,{reconstruction_psnr(vae, held_out):.2f},"
+                f"{reconstruction_psnr(vae, fire):.2f}\n"
+            )
     vae.train()
     started, running_loss = time.perf_counter(), 0.0
     for step in range(start, settings.stop):
@@ -289,8 +292,8 @@ def train_vae(work_dir: Path, settings: VaeSettings) -> AutoencoderKL:
         reconstruction = vae.decode(posterior.sample()).sample
         loss = (
             F.mse_loss(reconstruction, batch)
-            + F.l1_loss(reconstruction, batch)
-            + settings.edge_weight * edge_l1(reconstruction, batch)
+            + settings.detail_weight
+            * (F.l1_loss(reconstruction, batch) + edge_l1(reconstruction, batch))
             + settings.kl_weight * posterior.kl().mean()
         )
         optimizer.zero_grad(set_to_none=True)
@@ -479,27 +482,30 @@ CC0, shipped inside Pillow). Nothing is downloaded. Held-out pictures come from 
 
 ## Training
 
-VAE: {vae_steps} steps of 8 random 64 px crops (2 from each of 4 fresh 256 px drawings, so
-the drawings are at their real scale), loss MSE + L1 + 0.5 x L1 of image gradients + 1e-6 KL,
-AdamW (lr 1.5e-3, 100 warm-up steps, cosine to 5e-5), gradient clipping 1.0, the posterior's
-log-variance starting at -8. The PSNR curve is `docs/tiny-model/vae-psnr.png`. UNet:
-{unet_steps} steps of 24 random 16x16 latent crops at uniform DDPM timesteps, AdamW (lr 2e-3,
-50 warm-up steps, cosine to 5e-5). One CPU thread; on a 2-core machine shared with other work
-this took about {minutes} minutes in all.
+VAE: it starts as the plainest autoencoder, 8x8 block averages of R, G, B scaled back up
+(nearest), built from the stock layers by `tools/vae_init.py` ({init_psnr:.1f} dB on the held-out
+drawings before any step), then trains {vae_steps} steps on 8 random 64 px crops (2 from each
+of 4 fresh 256 px drawings, so the drawings are at their real scale): loss MSE + 0.1 x (L1 +
+L1 of image gradients) + 1e-6 KL, AdamW (lr 2e-4, 100 warm-up steps, cosine to 1e-5),
+gradient clipping 1.0. The PSNR curve is `docs/tiny-model/vae-psnr.png`. UNet: {unet_steps}
+steps of 24 random 16x16 latent crops at uniform DDPM timesteps, AdamW (lr 2e-3, 50 warm-up
+steps, cosine to 5e-5). One CPU thread; on a 2-core machine shared with other work this took
+about {minutes} minutes in all.
 
 ## Limits
 
-- The VAE falls short of the 22 dB it was meant to reach: it was still improving when its
-  training stopped (see the curve). Round trips keep layout, edges and the main regions but
-  are soft, some colours shift (cream turns pink, brick red turns olive) and small text is
-  lost. More steps (`VaeSettings` in `tools/train_tiny.py`) should help; so would a GPU.
+- Round trips keep layout, flat colours and outlines; lines one or two pixels thin (brick
+  mortar) and small text come back blurred, which is why the fire drawing scores lower than
+  the held-out drawings. An earlier version trained from random weights reached only 15 dB in
+  1,600 steps, its colours collapsed onto a few; starting from block averages sidesteps that
+  (why it happened was not found out).
 - The UNet had about ten minutes of CPU: it removes noise toward smooth regions, which is
   enough for img2img to keep a drawing's layout at strength 0.4 and depart further at 0.7,
   but it draws nothing recognisable from pure noise, and prompts have no visible effect.
 
 ## Regenerate
 
-    make tiny-model        # runs: python tools/train_tiny.py  (trains: about 40 minutes)
+    make tiny-model        # runs: python tools/train_tiny.py  (trains: about 35 minutes)
 
 Every phase is seeded, so re-running gives the same weights for the same torch/diffusers/
 transformers versions (one torch thread). Checkpoints go to `build/tiny-training/`; an
@@ -556,13 +562,14 @@ def write(work_dir: Path, output: Path) -> None:
     unet = tiny.build_unet()
     unet.load_state_dict(unet_state["model"])
     with (work_dir / "vae-psnr.csv").open() as curve:
-        last = list(csv.DictReader(curve))[-1]
+        first, *_, last = csv.DictReader(curve)
     model_card = MODEL_CARD.format(
         held_out_psnr=float(last["held_out_psnr"]),
         held_out_count=HELD_OUT_COUNT,
         fire_psnr=float(last["fire_drawing_psnr"]),
         scaling_factor=vae.config.scaling_factor,
         unet_note=UNET_NOTE.format(unet_steps=unet_state["step"]),
+        init_psnr=float(first["held_out_psnr"]),
         vae_steps=last["step"],
         unet_steps=unet_state["step"],
         minutes=round((float(last["seconds"]) + unet_state["seconds"]) / 60),
