@@ -14,11 +14,12 @@ from batchgen.job import Job
 from batchgen.schedulers import scheduler_spec
 
 MAX_BATCH_SIZE = 16  # a power of two: see shard_unit
-# On the CPU a batch pays off only while its latents are small. builtin:tiny on a shared
-# 2-core box, 7 k_lms steps at cfg 7.5, speed-up over one job at a time (1 and 2 threads):
-# 64×64 ×2.5–3 at 8–16; 128×128 ×1.3–1.9 at 4, no more beyond; 256×256 none, ×0.7 at 16.
-# This budget gives 16 at 64 px, 4 at 128 px and 1 from 256 px: never slower than batch 1.
-CPU_BATCH_PIXELS = 256 * 256
+# On the CPU a batch pays off only while its latents are small. builtin:tiny on a 2-core box,
+# k_lms at cfg 7.5, 2 threads, images/s against smaller batches, with the decode split as
+# below: 64×64 ×2.5–3 at 8–16 over 1; 128×128 ×1.13–1.23 at 8, no more at 16, over 4;
+# 256×256 ×1.13–1.30 at 4, less at 8, over 1. This budget gives 16 at 64 and 128 px, 4 at
+# 256 px and 1 from 512 px.
+CPU_BATCH_PIXELS = 512 * 512
 # The VAE decoder's cost per image grows with the batch on the CPU once its activations leave
 # the caches (256 px: ×1.8 per image at 4), so the engine decodes at most this many pixels in
 # one call there.

@@ -256,9 +256,9 @@ def test_a_batch_size_below_one_is_refused(job: Job) -> None:
 
 @pytest.mark.parametrize(
     ("width", "height", "expected"),
-    # 64×96: the budget holds 10, rounded down to a power of two so that shards (given whole
-    # batches of MAX_BATCH_SIZE) hold whole batches.
-    [(64, 64, 16), (64, 96, 8), (128, 128, 4), (100, 100, 4), (512, 512, 1)],
+    # 300×300: the budget holds 2.9, rounded down to a power of two so that shards (given
+    # whole batches of MAX_BATCH_SIZE) hold whole batches.
+    [(64, 64, 16), (64, 96, 16), (128, 128, 16), (256, 256, 4), (300, 300, 2), (512, 512, 1)],
 )
 def test_cpu_batch_size_follows_the_pixel_budget(width: int, height: int, expected: int) -> None:
     assert auto_batch_size("cpu", width, height) == expected
