@@ -194,7 +194,7 @@ class _BatchRenderer:
         try:
             prepared = [inits[job.id] for job in jobs]
             if missing := next((init for init in prepared if isinstance(init, str)), None):
-                raise MissingParentError(f"a job of this batch cannot start: {missing}")
+                raise InitImageUnavailableError(f"a job of this batch cannot start: {missing}")
             if self.intermediates and jobs[0].steps_taken:  # batches of one: Engine.render_batch
                 recorder = IntermediatesRecorder(
                     engine, mode=self.intermediates.mode, x0=self.intermediates.x0
@@ -229,25 +229,28 @@ class _BatchRenderer:
 
     def _init(self, job: Job) -> PreparedImage | str:
         """The job's init image as prepared pixels; for a feedback iteration its parent's
-        image (with the original's transparency, so the chain redraws the same region), or
-        why that image is missing."""
-        prepared = _prepared(job.init_image.path, (job.width, job.height))
-        if not job.parent_id:
-            return prepared
-        image = self.parent_images.get(job.parent_id)
-        if image is None:
-            parent = self.by_id[job.parent_id]
-            if parent.status != "done":
-                return f"its parent job {job.parent_id[:8]} ({parent.job.index}) has no image"
-            with Image.open(self.plan.recipe.output / parent.path) as opened:
-                image = opened.convert("RGB")
+        image (with the original's transparency, so the chain redraws the same region). Or
+        why there is none: the job then fails, and the run goes on."""
+        try:
+            prepared = _prepared(job.init_image.path, (job.width, job.height))
+            if not job.parent_id:
+                return prepared
+            image = self.parent_images.get(job.parent_id)
+            if image is None:
+                parent = self.by_id[job.parent_id]
+                if parent.status != "done":
+                    return f"its parent job {job.parent_id[:8]} ({parent.job.index}) has no image"
+                with Image.open(self.plan.recipe.output / parent.path) as opened:
+                    image = opened.convert("RGB")
+        except Exception as failure:  # noqa: BLE001 — a file gone since the plan, unreadable…
+            return f"{type(failure).__name__}: {failure}"
         if image.size != prepared.rgb.size:  # kept at its size by keep_size
             image = image.resize(prepared.rgb.size, Image.Resampling.LANCZOS)
         return PreparedImage(image, prepared.alpha)
 
 
-class MissingParentError(RuntimeError):
-    """A feedback iteration whose parent job has no image (it failed)."""
+class InitImageUnavailableError(RuntimeError):
+    """A job's init image cannot be had: unreadable, or a feedback parent without an image."""
 
 
 def _out_of_memory(failure: Exception) -> bool:

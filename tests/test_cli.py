@@ -202,6 +202,23 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_the_size_remembered(
     assert [(row["status"], row["batch_size"]) for row in rows] == [("done", "2")] * 8
 
 
+def test_an_init_image_unreadable_at_run_time_fails_its_jobs_and_the_run_goes_on(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchgen import runner
+
+    def unreadable(path: Path, size: tuple[int, int]) -> None:
+        raise OSError(f"cannot read {path.name} (simulated)")
+
+    monkeypatch.setattr(runner, "_prepared", unreadable)
+    code, output = invoke("run", str(recipe), "--batch-size", "1")
+
+    assert code == 1, output
+    rows = manifest(recipe.parent / "out")
+    assert [row["status"] for row in rows] == ["failed"] * 4
+    assert "cannot read gradient.png (simulated)" in rows[0]["error"]
+
+
 def test_fail_fast_stops_at_the_first_failure(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
