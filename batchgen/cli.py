@@ -24,7 +24,7 @@ from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.models import hub_cache_dir, list_models
-from batchgen.plan import Plan, Redo, make_plan
+from batchgen.plan import PlanSummary, Redo, summarize_plan
 from batchgen.problems import Problem, RecipeError
 from batchgen.recipe import Recipe, load_recipe
 from batchgen.recipe_file import AxisName, recipe_json_schema
@@ -323,10 +323,18 @@ def _show_plan(
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype or checked.dtype, guess_device(device))
     try:
-        the_plan = make_plan(checked, resolved_dtype, shard, redo, batch_size)
+        summary = summarize_plan(
+            checked,
+            resolved_dtype,
+            shard,
+            redo,
+            batch_size,
+            keep=None if show_all else 50,
+            columns=_PLAN_COLUMNS,
+        )
     except ManifestError as error:
         raise BadInput(str(error)) from None
-    _print_plan(the_plan, show_all)
+    _print_plan(summary)
     changes = lock_changes(read_lock_file(checked.output), checked.locked())
     for alarm in changes.content_changed:
         click.echo(f"warning: {alarm}", err=True)
@@ -362,23 +370,16 @@ _PLAN_COLUMNS: dict[str, Callable[[Job], str]] = {
 _PLAN_UNUSED = {"variation": "—", "iteration": "0", "mask": "—"}
 
 
-def _varies(show: Callable[[Job], str], jobs: list[Job]) -> bool:
-    """Whether the column's text differs between jobs: stops at the first difference, so a
-    large plan formats only the rows it prints."""
-    first = show(jobs[0]) if jobs else ""
-    return any(show(job) != first for job in jobs)
-
-
-def _print_plan(the_plan: Plan, show_all: bool) -> None:
+def _print_plan(the_plan: PlanSummary) -> None:
     """A table of the parameters that vary between jobs; the fixed ones in one line above."""
     console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     recipe = the_plan.recipe
-    jobs = [planned.job for planned in the_plan.jobs]
-    varying = [name for name, show in _PLAN_COLUMNS.items() if _varies(show, jobs)]
+    varying = [name for name in _PLAN_COLUMNS if name in the_plan.varying]
+    first = the_plan.head[0].job if the_plan.head else None
     fixed = [
-        f"{name} {show(jobs[0])}"
+        f"{name} {show(first)}"
         for name, show in _PLAN_COLUMNS.items()
-        if name not in varying and jobs and show(jobs[0]) != _PLAN_UNUSED.get(name)
+        if name not in varying and first and show(first) != _PLAN_UNUSED.get(name)
     ]
     console.print(f"[bold]{recipe.name}[/] → {recipe.output}")
     console.print("fixed: " + " · ".join(fixed) + f" · dtype {the_plan.dtype}", markup=False)
@@ -396,9 +397,8 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
     table.add_column("status", no_wrap=True)
     if the_plan.shard:
         table.add_column("shard", no_wrap=True)
-    shown = the_plan.jobs if show_all else the_plan.jobs[:50]
     styles = {"done": "green", "failed": "red", "todo": ""}
-    for planned in shown:
+    for planned in the_plan.head:
         job = planned.job
         shard_cell = ("this" if planned.mine else "other",) if the_plan.shard else ()
         table.add_row(
@@ -411,16 +411,16 @@ def _print_plan(the_plan: Plan, show_all: bool) -> None:
             style=styles[planned.status] if planned.mine else "dim",
         )
     console.print(table)
-    if len(shown) < len(the_plan.jobs):
-        console.print(f"… {len(the_plan.jobs) - len(shown)} more (--all lists them)")
+    if len(the_plan.head) < the_plan.total:
+        console.print(f"… {the_plan.total - len(the_plan.head)} more (--all lists them)")
     summary = (
-        f"{len(the_plan.jobs)} jobs: {the_plan.count('done')} done, "
+        f"{the_plan.total} jobs: {the_plan.count('done')} done, "
         f"{the_plan.count('failed')} failed, {the_plan.count('todo')} to do"
     )
     if the_plan.shard:
-        summary += f"; shard {the_plan.shard} runs {len(the_plan.to_run)} of them"
+        summary += f"; shard {the_plan.shard} runs {the_plan.to_run} of them"
     elif the_plan.redo:
-        summary += f"; --redo {the_plan.redo} makes {len(the_plan.to_run)}"
+        summary += f"; --redo {the_plan.redo} makes {the_plan.to_run}"
     console.print(
         f"{summary}; {the_plan.steps_to_run} denoising steps to run "
         f"({the_plan.megapixel_steps_to_run:.2f} megapixel-steps)"

@@ -145,10 +145,16 @@ def expand(recipe: Recipe, dtype: str) -> Iterator[Job]:
     variations or iterations; a job seen before is skipped."""
     seen: set[str] = set()
     for combination in combinations(recipe):
-        for job in _family(recipe, _job(recipe, 0, combination, dtype), combination):
+        # Numbered as if new: only a variation or a job after a duplicate needs renumbering
+        # (`replace` costs more than making the job, in a 10,000-job `plan`).
+        base = _job(recipe, len(seen) + 1, combination, dtype)
+        for job in _family(recipe, base, combination):
             if job.id in seen:
                 continue
             seen.add(job.id)
+            if job.index == len(seen):
+                yield job
+                continue
             numbered = replace(job, index=len(seen))
             numbered.__dict__["id"] = job.id  # the index is not part of the id: keep the hash
             yield numbered

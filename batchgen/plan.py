@@ -8,7 +8,9 @@ longer has are kept and shown, never deleted. Torch-free, so `batchgen plan` ans
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -68,7 +70,100 @@ class Plan:
     @property
     def megapixel_steps_to_run(self) -> float:
         """Cost estimate: denoising steps × megapixels, what UNet time grows with."""
-        return sum(job.steps_taken * job.width * job.height / 1e6 for job in self.to_run)
+        return sum(_megapixel_steps(job) for job in self.to_run)
+
+    def summarize(self, keep: int | None = 50, columns: Columns | None = None) -> PlanSummary:
+        tally = _Tally(self.recipe, self.dtype, self.shard, self.redo, keep, columns or {})
+        for planned in self.jobs:
+            tally.add(planned)
+        return tally.summary(tuple(tally.head), self.outside)
+
+
+# A view of a job as text, by name (the columns `plan` prints): a summary says which differ.
+Columns = Mapping[str, Callable[[Job], str]]
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    """What `plan` and `status` show of a plan: its figures and its first jobs, gathered in
+    one pass over the jobs, so that its size does not grow with the recipe's."""
+
+    recipe: Recipe
+    dtype: str
+    total: int
+    counts: Mapping[JobStatus, int]
+    to_run: int  # as Plan.to_run: this shard's jobs that a run makes
+    steps_to_run: int
+    megapixel_steps_to_run: float
+    head: tuple[PlannedJob, ...]  # the first jobs, in job order (all of them when asked)
+    varying: frozenset[str]  # the columns whose text is not the same for every job
+    outside: tuple[ManifestRow, ...]
+    shard: Shard | None
+    redo: Redo | None
+
+    def count(self, status: JobStatus) -> int:
+        return self.counts.get(status, 0)
+
+
+class _Tally:
+    """Adds up a plan's jobs one at a time for a PlanSummary."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        dtype: str,
+        shard: Shard | None,
+        redo: Redo | None,
+        keep: int | None,
+        columns: Columns,
+    ) -> None:
+        self.recipe, self.dtype, self.shard, self.redo = recipe, dtype, shard, redo
+        self.keep, self.columns = keep, columns
+        self.total = self.to_run = self.steps_to_run = 0
+        self.megapixel_steps_to_run = 0.0
+        self.counts: Counter[JobStatus] = Counter()
+        self.head: list[PlannedJob] = []
+        self.first: dict[str, str] = {}
+        self.varying: set[str] = set()
+
+    def add(self, planned: PlannedJob) -> None:
+        job = planned.job
+        self.total += 1
+        self.counts[planned.status] += 1
+        if planned.mine and _redone(planned.status, self.redo):
+            self.to_run += 1
+            self.steps_to_run += job.steps_taken
+            self.megapixel_steps_to_run += _megapixel_steps(job)
+        if self.keep is None or len(self.head) < self.keep:
+            self.head.append(planned)
+        if not self.first:
+            self.first = {name: show(job) for name, show in self.columns.items()}
+            return
+        for name, show in self.columns.items():
+            if name not in self.varying and show(job) != self.first[name]:
+                self.varying.add(name)
+
+    def summary(
+        self, head: tuple[PlannedJob, ...], outside: tuple[ManifestRow, ...]
+    ) -> PlanSummary:
+        return PlanSummary(
+            self.recipe,
+            self.dtype,
+            self.total,
+            dict(self.counts),
+            self.to_run,
+            self.steps_to_run,
+            self.megapixel_steps_to_run,
+            head,
+            frozenset(self.varying),
+            outside,
+            self.shard,
+            self.redo,
+        )
+
+
+def _megapixel_steps(job: Job) -> float:
+    return job.steps_taken * job.width * job.height / 1e6
 
 
 def _redone(status: JobStatus, redo: Redo | None) -> bool:
@@ -106,14 +201,48 @@ def _status(run_dir: Path, row: ManifestRow | None) -> tuple[JobStatus, str]:
     return "done", ""
 
 
-def _new_image_path(job: Job, index_width: int, claimed: dict[str, str]) -> str:
-    """`images/<name>` for a job to make; when a row of another job already names that file
-    (an edited recipe renumbers jobs; the name does not show every parameter), the job's
-    id is added so that no done image is ever overwritten."""
-    path = f"{IMAGES_DIR}/{image_filename(job, index_width)}"
-    if claimed.get(path, job.id) != job.id:
-        path = path.removesuffix(".png") + f"-{job.id[:8]}.png"
-    return path
+def _index_width(job_count: int) -> int:
+    """Digits of the job number in image names: 0001 … 9999, then as many as needed."""
+    return max(4, len(str(job_count)))
+
+
+class _Ledger:
+    """What planning needs of the run folder's manifest, and which of its jobs the recipe
+    has made so far."""
+
+    def __init__(self, run_dir: Path) -> None:
+        manifest = Manifest(run_dir)
+        self.run_dir = run_dir
+        self.latest = manifest.latest()  # job id → its latest row
+        # image path → the id of the job whose row names it
+        self.claimed = {row.path: row.id for row in manifest.rows() if row.path}
+        self._not_planned = dict(self.latest)
+
+    def planned(self, job: Job, mine: bool, index_width: int | None) -> PlannedJob:
+        """The job's status and image path: its row's, or a new one (left empty without
+        `index_width`: see summarize_plan)."""
+        self._not_planned.pop(job.id, None)
+        row = self.latest.get(job.id)
+        status, note = _status(self.run_dir, row)
+        if row and row.path:
+            path = row.path
+        else:
+            path = self.new_path(job, index_width) if index_width else ""
+        return PlannedJob(job, status, row, path, mine, note)
+
+    def new_path(self, job: Job, index_width: int) -> str:
+        """`images/<name>` for a job to make; when a row of another job already names that
+        file (an edited recipe renumbers jobs; the name does not show every parameter), the
+        job's id is added so that no done image is ever overwritten."""
+        path = f"{IMAGES_DIR}/{image_filename(job, index_width)}"
+        if self.claimed.get(path, job.id) != job.id:
+            path = path.removesuffix(".png") + f"-{job.id[:8]}.png"
+        return path
+
+    @property
+    def outside(self) -> tuple[ManifestRow, ...]:
+        """The latest rows of jobs not planned, in manifest order."""
+        return tuple(self._not_planned.values())
 
 
 def make_plan(
@@ -123,19 +252,45 @@ def make_plan(
     redo: Redo | None = None,
     batch_size: int | Literal["auto"] = "auto",
 ) -> Plan:
-    manifest = Manifest(recipe.output)
-    latest = manifest.latest()
-    claimed = {row.path: row.id for row in manifest.rows() if row.path}
+    ledger = _Ledger(recipe.output)
     jobs = list(expand(recipe, dtype))
-    index_width = max(4, len(str(len(jobs))))
+    index_width = _index_width(len(jobs))
     owners = assign(jobs, shard.count, shard_unit(batch_size)) if shard else [0] * len(jobs)
-    planned = []
-    for job, owner in zip(jobs, owners, strict=True):
-        row = latest.get(job.id)
-        status, note = _status(recipe.output, row)
-        path = row.path if row and row.path else _new_image_path(job, index_width, claimed)
-        mine = shard is None or owner == shard.index
-        planned.append(PlannedJob(job, status, row, path, mine, note))
-    in_recipe = {job.id for job in jobs}
-    outside = tuple(row for job_id, row in latest.items() if job_id not in in_recipe)
-    return Plan(recipe, dtype, tuple(planned), shard, redo, outside)
+    planned = tuple(
+        ledger.planned(
+            job,
+            mine=shard is None or owner == shard.index,
+            index_width=index_width,
+        )
+        for job, owner in zip(jobs, owners, strict=True)
+    )
+    return Plan(recipe, dtype, planned, shard, redo, ledger.outside)
+
+
+def summarize_plan(
+    recipe: Recipe,
+    dtype: str,
+    shard: Shard | None = None,
+    redo: Redo | None = None,
+    batch_size: int | Literal["auto"] = "auto",
+    keep: int | None = 50,
+    columns: Columns | None = None,
+) -> PlanSummary:
+    """`make_plan(...).summarize(keep, columns)`, for a recipe of any size: jobs are made,
+    tallied and dropped one at a time (a shard's plan still needs them all together: its
+    split is over the whole matrix)."""
+    if shard is not None:
+        return make_plan(recipe, dtype, shard, redo, batch_size).summarize(keep, columns)
+    ledger = _Ledger(recipe.output)
+    tally = _Tally(recipe, dtype, shard, redo, keep, columns or {})
+    for job in expand(recipe, dtype):
+        tally.add(ledger.planned(job, mine=True, index_width=None))
+    # A new image's name holds the job number padded to the job count, known only now.
+    index_width = _index_width(tally.total)
+    head = tuple(
+        planned
+        if planned.path
+        else replace(planned, path=ledger.new_path(planned.job, index_width))
+        for planned in tally.head
+    )
+    return tally.summary(head, ledger.outside)

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from batchgen.devices import default_dtype, guess_device
-from batchgen.plan import Plan, make_plan
+from batchgen.plan import PlanSummary, summarize_plan
 from batchgen.problems import RecipeError
 from batchgen.recipe import load_recipe
 from batchgen.runlock import LOCKS_DIR, holder_of
@@ -33,7 +33,7 @@ class NotARunFolderError(FileNotFoundError):
 class RunStatus:
     run_dir: Path
     latest: tuple[ManifestRow, ...]  # each job's latest row, in job order
-    plan: Plan | None  # the recipe the folder was last run from, against the folder
+    plan: PlanSummary | None  # the recipe the folder was last run from, against the folder
     no_plan_reason: str  # why there is no plan, if there is none
     running: tuple[str, ...]  # who holds the folder's run locks now
 
@@ -78,7 +78,7 @@ def run_status(run_dir: Path) -> RunStatus:
     return RunStatus(run_dir, tuple(latest), plan, reason, running)
 
 
-def _plan_of_last_recipe(run_dir: Path, rows: list[ManifestRow]) -> tuple[Plan | None, str]:
+def _plan_of_last_recipe(run_dir: Path, rows: list[ManifestRow]) -> tuple[PlanSummary | None, str]:
     """The plan of the recipe recipe.lock.yaml names, run into this folder; or why not."""
     recipe_path = read_lock_file(run_dir).get("recipe")
     if not recipe_path:
@@ -91,7 +91,7 @@ def _plan_of_last_recipe(run_dir: Path, rows: list[ManifestRow]) -> tuple[Plan |
     dtype = (
         dtypes.most_common(1)[0][0] if dtypes else default_dtype(recipe.dtype, guess_device("auto"))
     )
-    return make_plan(recipe, dtype), ""
+    return summarize_plan(recipe, dtype, keep=0), ""
 
 
 def _duration(seconds: float) -> str:
@@ -116,9 +116,9 @@ def describe(status: RunStatus, max_failures: int = 20) -> str:
         lines.append(f"left to do: unknown — {status.no_plan_reason}")
     else:
         plan = status.plan
-        left = len(plan.to_run)
+        left = plan.to_run
         lines.append(
-            f"recipe {plan.recipe.path}: {len(plan.jobs)} jobs, {plan.count('done')} done, "
+            f"recipe {plan.recipe.path}: {plan.total} jobs, {plan.count('done')} done, "
             f"{left} left ({plan.steps_to_run} denoising steps)"
         )
         if left and status.done and status.seconds:
