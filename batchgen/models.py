@@ -194,8 +194,9 @@ def resolve_vae(reference: str, base_dir: Path) -> ModelSource:
     if reference.lower().endswith(SINGLE_FILE_SUFFIXES):
         path = _existing_file(reference, base_dir)
         digest = file_sha256s([path])[path]
+        # The file's name with its suffix: what A1111 writes after "VAE:".
         return ModelSource(
-            reference, "single_file", path, f"file:{digest[:16]}", path.stem, digest[:10]
+            reference, "single_file", path, f"file:{digest[:16]}", path.name, digest[:10]
         )
     folder = (base_dir / reference).expanduser().resolve()
     if (folder / PIPELINE_INDEX).is_file():

@@ -216,6 +216,7 @@ class _BatchRenderer:
             FinishedJob(
                 planned,
                 model,
+                self.plan.recipe.vae,
                 image,
                 error,
                 seconds,

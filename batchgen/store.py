@@ -136,13 +136,15 @@ def _a1111_quote(value: object) -> str:
     return text
 
 
-def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
+def a1111_parameters(
+    job: Job, model_name: str, model_hash: str, vae_name: str = "", vae_hash: str = ""
+) -> str:
     """The `parameters` text AUTOMATIC1111 writes into its PNGs (its `create_infotext`).
 
     Prompt line, `Negative prompt:` line when there is one, then the settings in A1111's key
     order. `Steps` is the count handed to the scheduler, as in A1111 img2img (which also runs
-    only `steps × strength` of them). Empty model name/hash are left out, as A1111 leaves out
-    settings it does not have.
+    only `steps × strength` of them). Empty names and hashes (no `vae:` override: the model's
+    own VAE) are left out, as A1111 leaves out settings it does not have.
     """
     scheduler = scheduler_spec(job.scheduler)
     settings: dict[str, object] = {
@@ -154,9 +156,11 @@ def a1111_parameters(job: Job, model_name: str, model_hash: str) -> str:
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_hash,
         "Model": model_name,
-        "Denoising strength": float(job.strength),
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
         "Variation seed": job.variation_seed if job.variation_seed is not None else "",
         "Variation seed strength": job.variation_amount if job.variation_seed is not None else "",
+        "Denoising strength": float(job.strength),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else "",
         "Version": f"batchgen {__version__}",
     }

@@ -39,6 +39,7 @@ class FinishedJob:
 
     planned: PlannedJob
     model: ModelSource
+    vae: ModelSource | None  # the recipe's `vae:`, which replaces the model's own
     image: Image.Image | None  # None when rendering failed
     error: str  # "ExceptionType: message" when rendering failed
     seconds: float  # its share of its batch's render time
@@ -64,7 +65,14 @@ def write_finished(run_dir: Path, finished: FinishedJob) -> ManifestRow:
     sha256 = ""
     if finished.image is not None:
         try:
-            parameters = a1111_parameters(job, finished.model.name, finished.model.short_hash)
+            vae = finished.vae
+            parameters = a1111_parameters(
+                job,
+                finished.model.name,
+                finished.model.short_hash,
+                vae.name if vae else "",
+                vae.short_hash if vae else "",
+            )
             made_with = {
                 "device": finished.device,
                 "batch_size": finished.batch_size,

@@ -350,17 +350,50 @@ def test_unsupported_checkpoints_are_named(
 # --- VAE overrides, folders, variants ---
 
 
-def test_vae_single_file_replaces_the_models_vae(tmp_path: Path, no_network: None) -> None:
-    expected = tiny_components()
-    path = tmp_path / "vae.safetensors"
-    vae_state = vae_to_original(expected.vae.state_dict(), expected.vae.config)
+def write_vae_file(path: Path) -> Path:
+    """builtin:tiny's VAE as one .safetensors file, in the original checkpoint layout."""
+    vae = tiny_components().vae
+    vae_state = vae_to_original(vae.state_dict(), vae.config)
     safetensors.torch.save_file({k: t.contiguous() for k, t in vae_state.items()}, path)
+    return path
+
+
+def test_vae_single_file_replaces_the_models_vae(tmp_path: Path, no_network: None) -> None:
+    path = write_vae_file(tmp_path / "vae.safetensors")
     vae = resolve_vae(path.name, tmp_path)
     assert vae.kind == "single_file" and vae.identity.startswith("file:")
 
     loaded = load_components(resolve_model("builtin:tiny", Path(".")), FLOAT32, "cpu", vae=vae)
 
-    assert_same_weights(loaded.vae, expected.vae)
+    assert_same_weights(loaded.vae, tiny_components().vae)
+
+
+def test_a_vae_override_is_named_in_the_pngs_a1111_parameters(
+    tmp_path: Path, no_network: None
+) -> None:
+    """A1111's "VAE hash" (the file's sha256, 10 digits) and "VAE" (its file name), after
+    the model's keys, so that A1111 and its readers know which VAE made the image."""
+    import batchgen
+    from batchgen.store import Manifest
+    from tests.test_cli import gradient
+
+    path = write_vae_file(tmp_path / "kl-f8.safetensors")
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    (tmp_path / "recipe.yaml").write_text(
+        "init_images: pictures/gradient.png\nprompts: fire\nstrength: 0.6\nsteps: 5\n"
+        "seeds: 3\nvae: kl-f8.safetensors\n"
+    )
+    result = batchgen.run(tmp_path / "recipe.yaml", output=tmp_path / "out", quiet=True)
+    assert result.exit_code == 0
+    (row,) = Manifest(tmp_path / "out").latest().values()
+    with Image.open(tmp_path / "out" / row.path) as image:
+        parameters = image.text["parameters"]  # type: ignore[attr-defined]
+    vae_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert (
+        f"Model: tiny, VAE hash: {vae_hash}, VAE: kl-f8.safetensors, Denoising strength: 0.6"
+        in parameters
+    )
 
 
 def test_vae_folder_or_pipeline_folder_replaces_the_models_vae(tmp_path: Path) -> None:
