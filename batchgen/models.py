@@ -32,7 +32,9 @@ ModelKind = Literal["builtin", "folder", "hub", "single_file"]
 BUILTIN_DIR = Path(batchgen.__file__).parent / "builtin"
 # Weightless diffusers folders for single-file checkpoints (tools/make_sd_configs.py).
 CONFIGS_DIR = BUILTIN_DIR / "configs"
-SHIPPED_CONFIGS = ("sd15", "sd2")
+SHIPPED_CONFIGS = ("sd15", "sd2", "sd2-base")
+# Those a checkpoint's tensor shapes can tell apart: 2.x base has 768-v's shapes.
+DETECTED_CONFIGS = ("sd15", "sd2")
 BUILTIN_PREFIX = "builtin:"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # The hub's repo id rule: owner/name, letters, digits, "-", "_" and ".".
@@ -73,10 +75,14 @@ class ModelNotFoundError(ValueError):
         self.hint = hint
 
 
+class ConfigNotFoundError(ModelNotFoundError):
+    """A single-file checkpoint's `config` names no config."""
+
+
 def resolve_model(reference: str, base_dir: Path, config: str | None = None) -> ModelSource:
     """Find the model `reference` names; `base_dir` is the recipe's folder. `config` (single
-    files only) overrides the detected architecture: `sd15`, `sd2`, `builtin:<name>` or a
-    diffusers folder.
+    files only) overrides the detected architecture: a shipped config (`sd15`, `sd2`,
+    `sd2-base`), `builtin:<name>` or a diffusers folder.
 
     Identities: `builtin:<name>@<16 hex of the model files' sha256>`, `folder:<16 hex>`,
     `hub:<repo id>@<snapshot commit>`, `file:<16 hex of the file's sha256>` (plus
@@ -176,10 +182,13 @@ def _config_folder(config: str, base_dir: Path) -> Path:
     if config in SHIPPED_CONFIGS:
         return CONFIGS_DIR / config
     if config.startswith(BUILTIN_PREFIX):
-        return _resolve_builtin(config).path
+        try:
+            return _resolve_builtin(config).path
+        except ModelNotFoundError as error:
+            raise ConfigNotFoundError(f"config: {error}", error.hint) from None
     folder = (base_dir / config).expanduser().resolve()
     if not (folder / PIPELINE_INDEX).is_file():
-        raise ModelNotFoundError(
+        raise ConfigNotFoundError(
             f"config `{config}` is not {', '.join(SHIPPED_CONFIGS)}, `{BUILTIN_PREFIX}<name>` "
             f"or a diffusers folder (no {PIPELINE_INDEX} in {folder})",
             hint="a diffusers folder needs only its configs and tokenizer, no weights",
@@ -271,7 +280,7 @@ def detect_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
         for key, shape in shapes.items()
         if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")
     }
-    candidates = [CONFIGS_DIR / name for name in SHIPPED_CONFIGS]
+    candidates = [CONFIGS_DIR / name for name in DETECTED_CONFIGS]
     candidates += [BUILTIN_DIR / name for name in builtin_names()]
     for folder in candidates:
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))

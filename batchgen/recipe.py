@@ -23,7 +23,14 @@ from pydantic import (
 from batchgen import __version__
 from batchgen.images import InitImageError, read_header
 from batchgen.job import InitImage, Job, StepsMode
-from batchgen.models import ModelNotFoundError, ModelSource, resolve_model, resolve_vae
+from batchgen.models import (
+    CONFIGS_DIR,
+    ConfigNotFoundError,
+    ModelNotFoundError,
+    ModelSource,
+    resolve_model,
+    resolve_vae,
+)
 from batchgen.problems import PathKey, Problem, RecipeError, YamlDocument, did_you_mean
 from batchgen.recipe_file import (
     AXIS_ITEM,
@@ -190,6 +197,7 @@ class _Resolver:
         self.base = doc.file.resolve().parent
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
+        self.single_files = 0  # single-file checkpoints among the models: what `config:` is for
         self.init_images: dict[Path, InitImage] = {}
 
     def fail(self, path: PathKey, message: str, hint: str | None = None) -> None:
@@ -228,6 +236,9 @@ class _Resolver:
         }
         if output is None:
             output = self.base / shape.output if shape.output else Path("outputs") / name
+        include = self._matrix_entries("include", axes)
+        exclude = self._matrix_entries("exclude", axes)
+        self._check_config()
         return Recipe(
             path=self.doc.file,
             name=name,
@@ -242,8 +253,8 @@ class _Resolver:
             fit=shape.fit,
             axes={axis: axes[axis] for axis in order},
             swept=swept,
-            include=self._matrix_entries("include", axes),
-            exclude=self._matrix_entries("exclude", axes),
+            include=include,
+            exclude=exclude,
             output=output.absolute(),
             intermediates=(
                 IntermediatesSpec() if shape.intermediates is True else shape.intermediates or None
@@ -262,10 +273,34 @@ class _Resolver:
 
     def _model(self, where: PathKey, reference: str) -> ModelSource | None:
         try:
-            return resolve_model(reference, self.base)
+            source = resolve_model(reference, self.base, self.shape.config)
+        except ConfigNotFoundError as error:  # raised for single files only
+            self.single_files += 1
+            self.fail(("config",), str(error), error.hint)
+            return None
         except ModelNotFoundError as error:
             self.fail(where, str(error), error.hint)
             return None
+        self.single_files += source.kind == "single_file"
+        if source.config == CONFIGS_DIR / "sd2" and self.shape.config is None:
+            self.warnings.append(
+                self.doc.problem(
+                    where,
+                    f"`{reference}` is an SD 2.x checkpoint: loaded as 768-v (v-prediction, "
+                    "768 px), which its tensors cannot tell from 2.x base (epsilon, 512 px)",
+                    "for SD 2.0/2.1 base write `config: sd2-base`; `config: sd2` silences this",
+                )
+            )
+        return source
+
+    def _check_config(self) -> None:
+        """After every model is resolved (`include` entries may name more)."""
+        if self.shape.config is not None and not self.single_files:
+            self.fail(
+                ("config",),
+                "applies to single-file checkpoints only, and no `model:` is one",
+                "remove `config:`: diffusers folders and hub models carry their own configs",
+            )
 
     def _vae(self) -> ModelSource | None:
         if self.shape.vae is None:

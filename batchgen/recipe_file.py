@@ -198,6 +198,12 @@ class RecipeFile(_Strict):
         description="builtin:tiny, a diffusers folder, or a hub id in the local cache; a list "
         "sweeps models (always the outermost loop)",
     )
+    config: str | None = Field(
+        default=None,
+        description="For single-file checkpoints: the architecture to load them with, sd15, "
+        "sd2 (768-v), sd2-base, builtin:<name> or a diffusers folder; default: from the "
+        "tensor shapes",
+    )
     vae: str | None = Field(
         default=None,
         description="A VAE replacing the model's: a .safetensors/.ckpt file, a diffusers VAE "

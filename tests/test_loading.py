@@ -328,6 +328,60 @@ def test_sd1_and_sd2_are_told_apart_by_the_text_encoder_width() -> None:
     assert detect_config(shapes(32, first_width=32), Path("x.safetensors")) == TINY_DIR
 
 
+def sd2_checkpoint(path: Path) -> Path:
+    """A file with an SD 2.x UNet's telling tensors (zeros): enough to resolve, not to load."""
+    safetensors.torch.save_file(
+        {key: torch.zeros(shape, dtype=torch.float16) for key, shape in shapes(1024).items()},
+        path,
+    )
+    return path
+
+
+def test_an_sd2_checkpoint_loads_as_768_v_with_a_warning_unless_config_says(
+    tmp_path: Path,
+) -> None:
+    """SD 2.x base and 768-v checkpoints have the same tensor shapes: batchgen says which it
+    assumed, and `config:` chooses."""
+    from batchgen.recipe import load_recipe
+    from tests.test_cli import gradient
+
+    sd2_checkpoint(tmp_path / "sd21.safetensors")
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    base = "model: sd21.safetensors\ninit_images: pictures/gradient.png\nprompts: fire\nseeds: 1\n"
+    configs = {}
+    for name, extra in (("detected", ""), ("v", "config: sd2\n"), ("base", "config: sd2-base\n")):
+        (tmp_path / f"{name}.yaml").write_text(base + extra)
+        recipe = load_recipe(tmp_path / f"{name}.yaml")
+        (model,) = recipe.axes["model"]
+        configs[name] = (model.config.name, [str(warning) for warning in recipe.warnings])
+
+    assert configs["detected"][0] == "sd2"
+    (warning,) = configs["detected"][1]
+    assert "768-v" in warning and "`config: sd2-base`" in warning
+    assert configs["v"] == ("sd2", []) and configs["base"] == ("sd2-base", [])
+
+
+def test_an_unknown_config_is_reported_at_config(tmp_path: Path) -> None:
+    from batchgen.problems import RecipeError
+    from batchgen.recipe import load_recipe
+    from tests.test_cli import gradient
+
+    sd2_checkpoint(tmp_path / "sd21.safetensors")
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    for config in ("sd3", "builtin:huge"):
+        (tmp_path / "recipe.yaml").write_text(
+            "model: sd21.safetensors\n"
+            f"config: {config}\n"
+            "init_images: pictures/gradient.png\nprompts: fire\nseeds: 1\n"
+        )
+        with pytest.raises(RecipeError) as error:
+            load_recipe(tmp_path / "recipe.yaml")
+        (problem,) = error.value.problems
+        assert str(problem).startswith(f"{tmp_path / 'recipe.yaml'}:2: config: "), str(problem)
+
+
 @pytest.mark.parametrize(
     ("checkpoint_shapes", "message"),
     [
@@ -439,6 +493,7 @@ def test_variant_selects_the_variant_weight_files(tmp_path: Path) -> None:
     [
         ("sd15", 859_520_964, 123_060_480, "epsilon"),
         ("sd2", 865_910_724, 340_387_840, "v_prediction"),
+        ("sd2-base", 865_910_724, 340_387_840, "epsilon"),
     ],
 )
 def test_shipped_configs_build_the_sd_architectures(
