@@ -15,17 +15,9 @@ from batchgen.job import Job
 from batchgen.plan import make_plan, summarize_plan
 from batchgen.recipe import load_recipe
 from tests.test_cli import invoke, write_recipe
+from tests.test_resume import RECIPE  # four jobs, each with denoising steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-RECIPE = """
-name: summary
-init_images: [pictures/gradient.png]
-prompts: [fire, "cheery open fire, photograph"]
-strength: [0.5, 0.75]
-steps: 4
-seeds: [7]
-"""
 
 
 def test_a_summary_is_the_whole_plan_tallied(tmp_path: Path) -> None:
