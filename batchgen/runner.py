@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
@@ -25,7 +24,8 @@ from PIL import Image
 from batchgen.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
 from batchgen.devices import NO_FAST_PATHS, FastPaths
 from batchgen.grid import make_grids, run_specs
-from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage, prepare
+from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage
+from batchgen.init_images import InitImagePrefetcher, prepared
 from batchgen.intermediates import IntermediatesRecorder
 from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
@@ -118,11 +118,6 @@ def _stop_on_signals(reporter: Reporter) -> Iterator[_StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-@lru_cache(maxsize=16)
-def _prepared(path: Path, size: tuple[int, int]) -> PreparedImage:
-    return prepare(path, size)
 
 
 def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
@@ -233,9 +228,9 @@ class _BatchRenderer:
         image (with the original's transparency, so the chain redraws the same region). Or
         why there is none: the job then fails, and the run goes on."""
         try:
-            prepared = _prepared(job.init_image.path, (job.width, job.height))
+            init = prepared(job.init_image.path, (job.width, job.height))
             if not job.parent_id:
-                return prepared
+                return init
             image = self.parent_images.get(job.parent_id)
             if image is None:
                 parent = self.by_id[job.parent_id]
@@ -245,9 +240,9 @@ class _BatchRenderer:
                     image = opened.convert("RGB")
         except Exception as failure:  # noqa: BLE001 — a file gone since the plan, unreadable…
             return f"{type(failure).__name__}: {failure}"
-        if image.size != prepared.rgb.size:  # kept at its size by keep_size
-            image = image.resize(prepared.rgb.size, Image.Resampling.LANCZOS)
-        return PreparedImage(image, prepared.alpha)
+        if image.size != init.rgb.size:  # kept at its size by keep_size
+            image = image.resize(init.rgb.size, Image.Resampling.LANCZOS)
+        return PreparedImage(image, init.alpha)
 
 
 class InitImageUnavailableError(RuntimeError):
@@ -526,16 +521,17 @@ def _make_images(
     reporter.start(len(to_make))
     writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
     renderer = _BatchRenderer(plan, reporter)
+    prefetcher = InitImagePrefetcher()
     with _stop_on_signals(reporter) as stop:
         try:
             try:
-                for batch in _batches(plan, engines, options.batch_size):
+                for batch, following in _batches(plan, engines, options.batch_size, wanted):
                     if stop.signal is not None:
                         break
-                    if not any(planned.job.id in wanted for planned in batch):
-                        continue
                     model = recipe.model_of(batch[0].job)
                     engine = engines.load(model)
+                    if following:
+                        prefetcher.ahead(planned.job for planned in following)
                     for job in renderer.render(engine, model, batch):
                         if job.planned.job.id in wanted:
                             writer.submit(job)
@@ -544,6 +540,7 @@ def _make_images(
                         reporter.message("stopping at the first failure (--fail-fast)")
                         break
             finally:  # whatever stops the loop, what was rendered is written and recorded
+                prefetcher.close()
                 writer.close()
         except StorageError as error:
             raise _Stopped(error, writer.made, failed) from error
@@ -553,11 +550,13 @@ def _make_images(
 
 
 def _batches(
-    plan: Plan, engines: _EngineLoader, batch_size: BatchSize
-) -> Iterator[list[PlannedJob]]:
-    """This process's batches, model by model (the outermost axis), formed from the whole
-    matrix as a single run forms them (shards own whole batches: shard.assign). With
-    intermediates every batch holds one job: the recorder follows a single sample."""
+    plan: Plan, engines: _EngineLoader, batch_size: BatchSize, wanted: set[str]
+) -> Iterator[tuple[list[PlannedJob], list[PlannedJob] | None]]:
+    """This process's batches with a job in `wanted`, model by model (the outermost axis),
+    each with the batch after it of the same model (None for the model's last: the next model
+    is not loaded yet). Formed from the whole matrix as a single run forms them (shards own
+    whole batches: shard.assign). With intermediates every batch holds one job: the recorder
+    follows a single sample."""
     by_id = {planned.job.id: planned for planned in plan.jobs}
     for model, group in itertools.groupby(plan.jobs, key=lambda p: plan.recipe.model_of(p.job)):
         jobs = [planned.job for planned in group]
@@ -569,9 +568,12 @@ def _batches(
             size = _auto_size(engines, model)
         else:
             size = batch_size
-        for batch in make_batches(jobs, size):
-            if by_id[batch[0].id].mine:
-                yield [by_id[job.id] for job in batch]
+        batches = [
+            [by_id[job.id] for job in batch]
+            for batch in make_batches(jobs, size)
+            if by_id[batch[0].id].mine and any(job.id in wanted for job in batch)
+        ]
+        yield from zip(batches, [*batches[1:], None], strict=True)
 
 
 def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], int]:
@@ -588,7 +590,7 @@ def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], in
         if key not in sizes:
             from batchgen.engine import probe_cuda_batch_size
 
-            init = _prepared(job.init_image.path, (job.width, job.height))
+            init = prepared(job.init_image.path, (job.width, job.height))
             sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
         return sizes[key]
 

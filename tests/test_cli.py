@@ -210,7 +210,7 @@ def test_an_init_image_unreadable_at_run_time_fails_its_jobs_and_the_run_goes_on
     def unreadable(path: Path, size: tuple[int, int]) -> None:
         raise OSError(f"cannot read {path.name} (simulated)")
 
-    monkeypatch.setattr(runner, "_prepared", unreadable)
+    monkeypatch.setattr(runner, "prepared", unreadable)
     code, output = invoke("run", str(recipe), "--batch-size", "1")
 
     assert code == 1, output
