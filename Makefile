@@ -4,6 +4,7 @@
 #   make test-slow   the long tests (30 kills of a real run)
 #   make bench  batchgen against a plain diffusers loop (benchmarks/sweep.py)
 #   make lint   ruff + mypy
+#   make gpu-kit   the wheels a lent GPU machine lacks, into .whl/ (benchmarks/README.md)
 # Override TORCH for another build, e.g. `make run TORCH="torch==2.13.0 --index-url <cuda index>"`.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow bench browser lint format tiny-model clean
+.PHONY: setup run test test-slow bench browser lint format tiny-model gpu-kit clean
 
 setup: $(STAMP)
 
@@ -58,6 +59,10 @@ format: setup
 tiny-model: setup
 	@echo "training builtin:tiny on the CPU: about 35 minutes on 2 cores (resumes from build/tiny-training/)"
 	nice -n 15 $(BIN)/python tools/train_tiny.py
+
+# The wheels a lent GPU machine lacks, into .whl/ (see tools/gpu_kit.py).
+gpu-kit: setup
+	$(BIN)/python tools/gpu_kit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
