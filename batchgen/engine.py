@@ -501,11 +501,19 @@ class Engine:
         if self.device == "cpu":
             factor = self.image_processor.config.vae_scale_factor
             chunk = cpu_decode_size(latents.shape[-1] * factor, latents.shape[-2] * factor)
-        images = [
-            self.vae.decode(part / scaling_factor, return_dict=False)[0]
-            for part in latents.split(chunk)
-        ]
-        return self.image_processor.postprocess(torch.cat(images), output_type="np")
+        images = torch.cat(
+            [
+                self.vae.decode(part / scaling_factor, return_dict=False)[0]
+                for part in latents.split(chunk)
+            ]
+        )
+        if not torch.isfinite(images).all():  # postprocess would make them black, silently
+            raise NonFiniteImageError(
+                f"the VAE decoded NaN or infinite values in {self.dtype}: some VAEs overflow in "
+                "float16; run with --dtype float32 or bfloat16, or give a VAE made for float16 "
+                "with `vae:`"
+            )
+        return self.image_processor.postprocess(images, output_type="np")
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """The batch's first latents to float RGB in [0, 1], height × width × 3."""
@@ -516,6 +524,10 @@ class Engine:
         """Latents (the UNet's scaling, the batch's first) through the VAE to an 8-bit image:
         for a batch of one's final latents, exactly the image `render` returns."""
         return VaeImageProcessor.numpy_to_pil(self.decode(latents)[None])[0]
+
+
+class NonFiniteImageError(RuntimeError):
+    """The VAE gave NaN or infinite pixels: an overflow, usually of float16."""
 
 
 def predicted_original_sample(

@@ -197,14 +197,18 @@ class _BatchRenderer:
             images = list(engine.render_batch(jobs, prepared, recorder))  # type: ignore[arg-type]
             error = ""
         except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
-            if len(batch) > 1 and _out_of_memory(failure):
-                self.limits[shape] = len(batch) // 2
-                self.reporter.message(
-                    f"a batch of {len(batch)} at {first.width}x{first.height} ran out of GPU "
-                    f"memory: batches of {len(batch) // 2} from now on"
-                )
-                return self._render(engine, model, batch, inits)
             error = f"{type(failure).__name__}: {failure}"
+            out_of_memory = len(batch) > 1 and _out_of_memory(failure)
+        else:
+            out_of_memory = False
+        if out_of_memory:  # retried here, not in `except`: its traceback holds the failed
+            # attempt's frames, and with them its tensors on the GPU
+            self.limits[shape] = len(batch) // 2
+            self.reporter.message(
+                f"a batch of {len(batch)} at {first.width}x{first.height} ran out of GPU "
+                f"memory: batches of {len(batch) // 2} from now on"
+            )
+            return self._render(engine, model, batch, inits)
         seconds = (time.perf_counter() - started) / len(jobs)
         frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
         return [
@@ -536,6 +540,9 @@ def _make_images(
                         if job.planned.job.id in wanted:
                             writer.submit(job)
                             failed += bool(job.error)
+                    # The next batch may bring the next model, loaded (and its batch size
+                    # probed) before the loop comes back here: hold no reference to this one.
+                    del engine
                     if failed and options.fail_fast:
                         reporter.message("stopping at the first failure (--fail-fast)")
                         break
@@ -590,8 +597,17 @@ def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], in
         if key not in sizes:
             from batchgen.engine import probe_cuda_batch_size
 
-            init = prepared(job.init_image.path, (job.width, job.height))
-            sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
+            try:
+                init = prepared(job.init_image.path, (job.width, job.height))
+                sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
+            except BadInputError:
+                raise  # the model cannot load: the run stops with what to fix
+            except Exception as error:  # noqa: BLE001 — the jobs themselves meet it and fail
+                engines.reporter.message(
+                    f"cannot measure the batch size for {job.width}x{job.height} "
+                    f"({type(error).__name__}: {error}): batches of 1"
+                )
+                sizes[key] = 1
         return sizes[key]
 
     return measured

@@ -86,6 +86,8 @@ step() {
 mkdir -p "$OUT" || exit 2
 : >"$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DEVICE_SH_CPU="$CPU" DEVICE_SH_SITE="$SITE"
+# A launcher's or Slurm's variables would shard batchgen's arm or move it to another GPU.
+unset WORLD_SIZE RANK LOCAL_RANK SLURM_ARRAY_TASK_ID SLURM_ARRAY_TASK_COUNT SLURM_ARRAY_TASK_MIN
 
 # Setup: the kit into $SITE. Wheels in .whl/if-older/ only where the machine has an older copy.
 if ! ls .whl/*.whl >/dev/null 2>&1; then

@@ -299,6 +299,35 @@ def test_cuda_batch_size_halves_until_a_batch_fits() -> None:
         auto_batch_size("cuda", 64, 64)
 
 
+def test_a_batch_size_probe_that_fails_gives_batches_of_one(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU, `auto` measures the batch size with a trial render. Anything but a model
+    that cannot load (an init image gone bad since the plan, say) is the jobs' to meet: the
+    run goes on with batches of one instead of stopping."""
+    from types import SimpleNamespace
+
+    from batchgen import engine as engine_module
+    from batchgen.runner import _auto_size
+
+    def broken(*args: object) -> int:
+        raise RuntimeError("trial render failed (simulated)")
+
+    monkeypatch.setattr(engine_module, "probe_cuda_batch_size", broken)
+    said: list[str] = []
+    engines = SimpleNamespace(
+        device="cuda", load=lambda model: None, reporter=SimpleNamespace(message=said.append)
+    )
+
+    size = _auto_size(engines, model=None)  # type: ignore[arg-type]
+
+    assert size(job) == 1 and size(job) == 1
+    assert said == [
+        f"cannot measure the batch size for {job.width}x{job.height} "
+        "(RuntimeError: trial render failed (simulated)): batches of 1"
+    ]
+
+
 def test_probing_needs_a_cuda_engine(engine: Engine, job: Job, init: PreparedImage) -> None:
     with pytest.raises(ValueError, match="needs a CUDA device"):
         probe_cuda_batch_size(engine, job, init)

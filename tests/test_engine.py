@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchgen.engine import Engine, resolve_device, resolve_dtype
+from batchgen.engine import Engine, NonFiniteImageError, resolve_device, resolve_dtype
 from batchgen.images import PreparedImage
 from batchgen.job import Job, StepsMode
 from batchgen.models import ModelSource
@@ -192,6 +192,20 @@ def test_cpu_renders_are_bit_identical_across_calls_and_engines(
     from_another_engine = Engine(tiny, device="cpu").render(job, init).tobytes()
 
     assert first == second == from_another_engine
+
+
+def test_nan_pixels_from_the_vae_are_an_error_not_a_black_image(
+    engine: Engine, job: Job, init: PreparedImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an SD VAE overflowing in float16 gives: an error saying what to change."""
+
+    def overflowing(latents: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
+        height, width = (side * 8 for side in latents.shape[-2:])
+        return (torch.full((len(latents), 3, height, width), float("nan")),)
+
+    monkeypatch.setattr(engine.vae, "decode", overflowing)
+    with pytest.raises(NonFiniteImageError, match="run with --dtype float32 or bfloat16"):
+        engine.render(job, init)
 
 
 def test_different_seeds_give_different_images(
