@@ -17,6 +17,7 @@
 #   setup.log         pip's output, versions, the GPU, unmet requirements of the kit
 #   pytest-gpu.log    the GPU-marked tests (and pytest-gpu.err, their stderr)
 #   sweep.md          the benchmark's tables (and sweep.err, its stderr)
+#   sweep-fast.md     SD1.5 again with --fast compile --fast channels_last (sweep-fast.err)
 #   summary.txt       one line per step: name, exit status, seconds
 #
 # Environment:
@@ -48,8 +49,14 @@ run_steps() {
     step pytest-gpu.log 120 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests
     if [ "$CPU" = 1 ]; then
         step sweep.md 300 python3 benchmarks/sweep.py --only tiny64 --repeat 1 --work-dir /tmp/bench
+        step sweep-fast.md 200 python3 benchmarks/sweep.py --only tiny64 --repeat 1 \
+            --fast channels_last --work-dir /tmp/bench
     else
-        step sweep.md 390 python3 benchmarks/sweep.py --profile gpu --repeat 1 --work-dir /tmp/bench
+        step sweep.md 270 python3 benchmarks/sweep.py --profile gpu --repeat 1 --work-dir /tmp/bench
+        # The "with batching and compile": SD1.5 only, two repeats, the second finding
+        # torch's compile caches warm (the first compiles inside its timed sweep).
+        step sweep-fast.md 240 python3 benchmarks/sweep.py --profile gpu --only sd15 --repeat 2 \
+            --fast compile --fast channels_last --work-dir /tmp/bench
     fi
 }
 

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 from unittest import mock
@@ -46,6 +46,7 @@ import transformers
 import yaml
 
 import batchgen.engine
+from batchgen.devices import NO_FAST_PATHS, FastPaths
 from batchgen.images import prepare
 from batchgen.job import Job
 from batchgen.models import CONFIGS_DIR, resolve_model
@@ -475,26 +476,40 @@ def timed_engines() -> Iterator[list[TimedEngine]]:
     TimedEngine.instances = []
 
 
+@dataclass(frozen=True)
+class BatchgenOptions:
+    """How batchgen's arm runs: `--batch-size` and the `--fast` paths."""
+
+    batch_size: BatchSize = "auto"
+    fast_paths: FastPaths = NO_FAST_PATHS
+
+    def __str__(self) -> str:
+        """As the arm's column title: `auto`, or `auto, compile,channels_last`."""
+        return ", ".join(filter(None, [str(self.batch_size), str(self.fast_paths)]))
+
+
 def run_batchgen(
-    recipe: Path, warm_up_recipe: Path, device: str, batch_size: BatchSize
+    recipe: Path, warm_up_recipe: Path, device: str, options: BatchgenOptions
 ) -> ArmResult:
     """`batchgen.run` on the warm-up recipe, then on the sweep; the sweep's time is the run's
-    own wall time minus its model load."""
+    own wall time minus its model load. With `--fast compile` the warm-up compiles for its own
+    batch shape only: the sweep's first batches compile again, so use `--repeat 2` (later
+    repeats find torch's compile caches warm)."""
     memory = PeakMemory(device)
     memory.start()
     with timed_engines() as engines:
-        _checked_run(warm_up_recipe, device, batch_size)
+        _checked_run(warm_up_recipe, device, options)
         # Let the warm-up's model go before the sweep loads its own (the timers' wrappers form
         # reference cycles, which only the cycle collector frees).
         engines.clear()
         gc.collect()
         others = OtherLoad()
-        result = _checked_run(recipe, device, batch_size)
+        result = _checked_run(recipe, device, options)
         other_cores = others.cores()
         engine = engines[-1]
     rows = Manifest(result.output).latest().values()
     return ArmResult(
-        f"batchgen ({batch_size})",
+        f"batchgen ({options})",
         {row.id: result.output / row.path for row in rows},
         result.seconds - engine.load_seconds,
         engine.load_seconds,
@@ -507,8 +522,14 @@ def run_batchgen(
     )
 
 
-def _checked_run(recipe: Path, device: str, batch_size: BatchSize) -> Any:
-    result = run(recipe, device=device, quiet=True, batch_size=batch_size)
+def _checked_run(recipe: Path, device: str, options: BatchgenOptions) -> Any:
+    result = run(
+        recipe,
+        device=device,
+        quiet=True,
+        batch_size=options.batch_size,
+        fast_paths=options.fast_paths,
+    )
     if result.exit_code != 0:
         errors = {row.error for row in Manifest(result.output).latest().values() if row.error}
         raise SystemExit(
@@ -565,7 +586,7 @@ def run_workload(
     work: Path,
     device: str,
     dtype: str,
-    batch_size: BatchSize,
+    options: BatchgenOptions,
     repeats: int,
 ) -> WorkloadResult:
     """Both arms, alternating, `repeats` times; each repeat loads its model and warms up
@@ -590,7 +611,7 @@ def run_workload(
         )
         jobs = recipe_jobs(recipe, dtype)
         loops.append(run_loop(jobs, model_path, workload, device, dtype, folder / f"loop-{repeat}"))
-        ours.append(run_batchgen(recipe, warm_up, device, batch_size))
+        ours.append(run_batchgen(recipe, warm_up, device, options))
     result = WorkloadResult(workload, loops, ours, max_pixel_difference(loops[0], ours[0]))
     if any(_is_flat(path) for path in ours[0].images.values()):
         result.notes.append("some images are one flat colour (random weights saturate)")
@@ -891,6 +912,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated workloads: tiny64, tiny256, sd15, plan (default: all)",
     )
     parser.add_argument("--batch-size", type=parse_batch_size, default="auto", help="auto or N")
+    parser.add_argument(
+        "--fast",
+        action="append",
+        default=[],
+        choices=[fast.name for fast in fields(FastPaths)],
+        help="a fast path for batchgen's arm (repeatable), as `batchgen run --fast`",
+    )
     parser.add_argument("--device", help="default: cpu for --profile cpu, cuda for gpu")
     parser.add_argument(
         "--repeat",
@@ -912,6 +940,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         parser.error("--repeat is at least 1")
     args.device = args.device or PROFILE_DEVICE[args.profile]
+    args.options = BatchgenOptions(args.batch_size, FastPaths(**dict.fromkeys(args.fast, True)))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
     return args
@@ -943,6 +972,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"profile {args.profile}: device {args.device}, {dtype}, "
         f"batchgen --batch-size {args.batch_size}"
+        + "".join(f" --fast {name}" for name in args.fast)
     )
     results: list[WorkloadResult] = []
     plan = None
@@ -956,10 +986,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             workload = PROFILES[args.profile][name]
             print(f"\n== {name}: {workload.describe()}, {dtype} on {args.device}", flush=True)
-            result = run_workload(workload, work, args.device, dtype, args.batch_size, args.repeat)
+            result = run_workload(workload, work, args.device, dtype, args.options, args.repeat)
             print_workload(result, memory_label)
             results.append(result)
-    targets = check_targets(results, plan, args.profile, args.batch_size)
+    targets = check_targets(results, plan, args.profile, args.options.batch_size)
     print_summary(results, plan, targets, memory_label)
     return 0
 
