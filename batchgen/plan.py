@@ -211,11 +211,10 @@ class _Ledger:
     has made so far."""
 
     def __init__(self, run_dir: Path) -> None:
-        manifest = Manifest(run_dir)
+        rows, self.latest = Manifest(run_dir).rows_and_latest()  # latest: job id → its row
         self.run_dir = run_dir
-        self.latest = manifest.latest()  # job id → its latest row
         # image path → the id of the job whose row names it
-        self.claimed = {row.path: row.id for row in manifest.rows() if row.path}
+        self.claimed = {row.path: row.id for row in rows if row.path}
         self._not_planned = dict(self.latest)
 
     def planned(self, job: Job, mine: bool, index_width: int | None) -> PlannedJob:

@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -556,12 +556,21 @@ class Manifest:
     def latest(self) -> dict[str, ManifestRow]:
         """Job id → the last row written for it: the last in its ledger, and across ledgers
         (a job retried later by another shard or run) the one that finished last."""
-        latest: dict[str, ManifestRow] = {}
-        for ledger in self.ledgers():
-            for row in {row.id: row for row in ledger.rows()}.values():
-                if row.id not in latest or row.finished_at >= latest[row.id].finished_at:
-                    latest[row.id] = row
-        return latest
+        return _latest(ledger.rows() for ledger in self.ledgers())
+
+    def rows_and_latest(self) -> tuple[list[ManifestRow], dict[str, ManifestRow]]:
+        """`rows()` and `latest()` from one read of each ledger."""
+        by_ledger = [ledger.rows() for ledger in self.ledgers()]
+        return [row for rows in by_ledger for row in rows], _latest(by_ledger)
+
+
+def _latest(by_ledger: Iterable[list[ManifestRow]]) -> dict[str, ManifestRow]:
+    latest: dict[str, ManifestRow] = {}
+    for rows in by_ledger:
+        for row in {row.id: row for row in rows}.values():
+            if row.id not in latest or row.finished_at >= latest[row.id].finished_at:
+                latest[row.id] = row
+    return latest
 
 
 # ---------------------------------------------------------------------------------------------
