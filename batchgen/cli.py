@@ -223,7 +223,7 @@ redo_option = click.option(
     help="Opt-in speed-ups, repeatable; each changes pixels within a tolerance and is recorded "
     "in the manifest's fast_paths column: channels_last, compile (torch.compile of the UNet: "
     "minutes of warm-up per batch shape, then faster), vae_tiling and vae_slicing (less "
-    "memory for large images and batches), tf32 (Ampere+ GPUs).",
+    "memory for large images and batches), tf32 (Ampere+ GPUs, float32 only).",
 )
 @comparison_options
 def run(

@@ -35,7 +35,7 @@ class FastPaths:
     compile: bool = False  # torch.compile of the UNet: minutes of warm-up per shape, then faster
     vae_tiling: bool = False  # decode/encode large images tile by tile: less memory
     vae_slicing: bool = False  # decode a batch one image at a time: less memory
-    tf32: bool = False  # TF32 matmuls and convolutions on Ampere and later GPUs
+    tf32: bool = False  # TF32 float32 matmuls and convolutions on Ampere and later GPUs
 
     def __str__(self) -> str:
         """The ones on, comma-separated: what the manifest records ("" for none)."""
