@@ -8,8 +8,10 @@ longer has are kept and shown, never deleted. Torch-free, so `batchgen plan` ans
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -186,14 +188,24 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _status(run_dir: Path, row: ManifestRow | None) -> tuple[JobStatus, str]:
-    """The job's status from its latest row and its image file, and why a done row does
-    not count."""
+def _image_digests(run_dir: Path, rows: Iterable[ManifestRow]) -> dict[str, str | None]:
+    """The sha256 of every image the done rows name (None: unreadable), by path, hashed on
+    several threads: checking that a large folder's done images are unchanged reads
+    gigabytes, and hashlib and file reads let go of the GIL."""
+    paths = sorted({row.path for row in rows if row.status == "done" and row.path})
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(lambda path: file_sha256(run_dir / path), paths)
+        return dict(zip(paths, digests, strict=True))
+
+
+def _status(row: ManifestRow | None, digests: Mapping[str, str | None]) -> tuple[JobStatus, str]:
+    """The job's status from its latest row and the sha256 of its image file (`digests`), and
+    why a done row does not count."""
     if row is None:
         return "todo", ""
     if row.status == "failed":
         return "failed", ""
-    sha256 = file_sha256(run_dir / row.path)
+    sha256 = digests.get(row.path)
     if sha256 is None:
         return "todo", f"{row.path} is missing"
     if sha256 != row.sha256:
@@ -212,9 +224,9 @@ class _Ledger:
 
     def __init__(self, run_dir: Path) -> None:
         rows, self.latest = Manifest(run_dir).rows_and_latest()  # latest: job id → its row
-        self.run_dir = run_dir
         # image path → the id of the job whose row names it
         self.claimed = {row.path: row.id for row in rows if row.path}
+        self.digests = _image_digests(run_dir, self.latest.values())
         self._not_planned = dict(self.latest)
 
     def planned(self, job: Job, mine: bool, index_width: int | None) -> PlannedJob:
@@ -222,7 +234,7 @@ class _Ledger:
         `index_width`: see summarize_plan)."""
         self._not_planned.pop(job.id, None)
         row = self.latest.get(job.id)
-        status, note = _status(self.run_dir, row)
+        status, note = _status(row, self.digests)
         if row and row.path:
             path = row.path
         else:

@@ -59,3 +59,28 @@ def test_a_summary_holds_only_the_jobs_it_shows(
     gc.collect()
     assert summary.total == len(made) == 400
     assert sum(ref() is not None for ref in made) == 5
+
+
+def test_done_images_are_hashed_each_once_and_a_missing_one_is_none(tmp_path: Path) -> None:
+    """The threaded check of done images gives each file's sha256, as a plain read would."""
+    import hashlib
+    from types import SimpleNamespace
+
+    for number in range(20):
+        (tmp_path / f"{number}.png").write_bytes(bytes([number]) * (number * 1000 + 1))
+    rows = [SimpleNamespace(status="done", path=f"{number}.png") for number in range(20)]
+    rows += [
+        SimpleNamespace(status="done", path="gone.png"),
+        SimpleNamespace(status="failed", path=""),
+        SimpleNamespace(status="done", path="0.png"),  # retried: two rows, one file
+    ]
+
+    digests = plan_module._image_digests(tmp_path, rows)  # type: ignore[arg-type]
+
+    assert digests == {
+        **{
+            f"{n}.png": hashlib.sha256((tmp_path / f"{n}.png").read_bytes()).hexdigest()
+            for n in range(20)
+        },
+        "gone.png": None,
+    }
