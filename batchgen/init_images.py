@@ -1,5 +1,9 @@
-"""Init images as the engine takes them: decoded, oriented and resized once per file and size,
-and the next batch's made on a background thread while the current batch renders."""
+"""Init images as the engine takes them: decoded, oriented and resized once per image and size,
+and the next batch's made on a background thread while the current batch renders.
+
+The cache is keyed by the image's content hash, not only its path: a process that runs a
+recipe again after an init image was edited (a notebook, a service) gets the new pixels, as
+the new job ids (which hold the hash) promise."""
 
 from __future__ import annotations
 
@@ -7,20 +11,19 @@ import contextlib
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
-from pathlib import Path
 
 from batchgen.batching import MAX_BATCH_SIZE
 from batchgen.images import PreparedImage, prepare
-from batchgen.job import Job
+from batchgen.job import InitImage, Job
 
-ImageKey = tuple[Path, tuple[int, int]]  # the file and the size it is rendered at
+ImageKey = tuple[InitImage, tuple[int, int]]  # the image and the size it is rendered at
 
 
 # The batch being rendered and the next one, which `--batch-size auto` keeps to at most
 # MAX_BATCH_SIZE init images each (with more, an image pushed out is only read again).
 @lru_cache(maxsize=2 * MAX_BATCH_SIZE)
-def prepared(path: Path, size: tuple[int, int]) -> PreparedImage:
-    return prepare(path, size)
+def prepared(image: InitImage, size: tuple[int, int]) -> PreparedImage:
+    return prepare(image.path, size)
 
 
 class InitImagePrefetcher:
@@ -33,7 +36,7 @@ class InitImagePrefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchgen-init-images")
 
     def ahead(self, jobs: Iterable[Job]) -> Future[None]:
-        keys = dict.fromkeys((job.init_image.path, (job.width, job.height)) for job in jobs)
+        keys = dict.fromkeys((job.init_image, (job.width, job.height)) for job in jobs)
         return self._pool.submit(_prepare_all, list(keys))
 
     def close(self) -> None:
@@ -41,6 +44,6 @@ class InitImagePrefetcher:
 
 
 def _prepare_all(keys: list[ImageKey]) -> None:
-    for path, size in keys:
+    for image, size in keys:
         with contextlib.suppress(Exception):
-            prepared(path, size)
+            prepared(image, size)

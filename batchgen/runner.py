@@ -232,7 +232,7 @@ class _BatchRenderer:
         image (with the original's transparency, so the chain redraws the same region). Or
         why there is none: the job then fails, and the run goes on."""
         try:
-            init = prepared(job.init_image.path, (job.width, job.height))
+            init = prepared(job.init_image, (job.width, job.height))
             if not job.parent_id:
                 return init
             image = self.parent_images.get(job.parent_id)
@@ -598,7 +598,7 @@ def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], in
             from batchgen.engine import probe_cuda_batch_size
 
             try:
-                init = prepared(job.init_image.path, (job.width, job.height))
+                init = prepared(job.init_image, (job.width, job.height))
                 sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
             except BadInputError:
                 raise  # the model cannot load: the run stops with what to fix

@@ -20,6 +20,7 @@ from PIL import Image
 from batchgen import __version__
 from batchgen.cli import main
 from batchgen.images import prepare
+from batchgen.job import InitImage
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = """
@@ -210,8 +211,8 @@ def test_an_init_image_unreadable_at_run_time_fails_its_jobs_and_the_run_goes_on
 ) -> None:
     from batchgen import runner
 
-    def unreadable(path: Path, size: tuple[int, int]) -> None:
-        raise OSError(f"cannot read {path.name} (simulated)")
+    def unreadable(image: InitImage, size: tuple[int, int]) -> None:
+        raise OSError(f"cannot read {image.path.name} (simulated)")
 
     monkeypatch.setattr(runner, "prepared", unreadable)
     code, output = invoke("run", str(recipe), "--batch-size", "1")

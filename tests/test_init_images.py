@@ -7,10 +7,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from batchgen import init_images
-from batchgen.images import PreparedImage
+from batchgen.images import PreparedImage, read_header
+from batchgen.job import InitImage
 from tests.test_cli import gradient, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,11 +56,33 @@ def test_the_next_batchs_init_images_are_prepared_while_a_batch_renders(
 def test_a_prefetch_that_fails_is_dropped_and_the_job_meets_the_error(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    job = SimpleNamespace(init_image=SimpleNamespace(path=broken), width=64, height=64)
+    image = InitImage(broken, "broken.png", "0" * 64, 64, 64)
+    job = SimpleNamespace(init_image=image, width=64, height=64)
     prefetcher = init_images.InitImagePrefetcher()
     try:
         assert prefetcher.ahead([job]).result() is None  # type: ignore[list-item]
     finally:
         prefetcher.close()
     with pytest.raises(UnidentifiedImageError):
-        init_images.prepared(broken, (64, 64))
+        init_images.prepared(image, (64, 64))
+
+
+def test_an_init_image_edited_between_two_runs_of_one_process_gives_its_new_pixels(
+    tmp_path: Path,
+) -> None:
+    """The cache is keyed by the image's content, as job ids are: a notebook that edits an
+    init image and runs the recipe again renders from the new pixels, not the cached ones."""
+    path = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "red").save(path)
+    before = header_of(path)
+    assert init_images.prepared(before, (64, 64)).rgb.getpixel((0, 0)) == (255, 0, 0)
+
+    Image.new("RGB", (64, 64), "blue").save(path)
+    after = header_of(path)
+
+    assert init_images.prepared(after, (64, 64)).rgb.getpixel((0, 0)) == (0, 0, 255)
+
+
+def header_of(path: Path) -> InitImage:
+    header = read_header(path)
+    return InitImage(path, path.name, header.sha256, header.width, header.height)
