@@ -14,7 +14,6 @@ feathering at the edge.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from batchgen.images import PreparedImage, has_alpha
-from batchgen.job import Job
+from batchgen.job import InitImage, Job
 
 
 def redraw_mask(job: Job, init: PreparedImage) -> np.ndarray | None:
@@ -30,7 +29,7 @@ def redraw_mask(job: Job, init: PreparedImage) -> np.ndarray | None:
     redrawn everywhere (no mask file and an opaque init image: plain img2img)."""
     size = init.rgb.size
     if job.mask is not None:
-        mask = _mask_file(job.mask.path, size)
+        mask = _mask_file(job.mask, size)
     elif init.alpha is not None:
         mask = ImageOps.invert(init.alpha)
     else:
@@ -42,10 +41,12 @@ def redraw_mask(job: Job, init: PreparedImage) -> np.ndarray | None:
     return np.asarray(mask, dtype=np.float32) / 255
 
 
-@functools.lru_cache(maxsize=16)  # one mask serves every job of a recipe
-def _mask_file(path: Path, size: tuple[int, int]) -> Image.Image:
+# One mask serves every job of a recipe. Keyed by its content hash, not its path: an edited
+# mask file is read again by a process that runs the recipe again (see init_images.py).
+@functools.lru_cache(maxsize=16)
+def _mask_file(source: InitImage, size: tuple[int, int]) -> Image.Image:
     """The mask image as 8-bit "L", 255 = redraw, at the job's size."""
-    with Image.open(path) as opened:
+    with Image.open(source.path) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
     alpha = image.convert("RGBA").getchannel("A") if has_alpha(image) else None

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image, UnidentifiedImageError
 
 from batchgen import init_images
-from batchgen.images import PreparedImage, read_header
+from batchgen.images import PreparedImage
 from batchgen.job import InitImage
 from tests.test_cli import gradient, invoke, manifest, write_recipe
+from tests.test_inpainting import init_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,15 +75,10 @@ def test_an_init_image_edited_between_two_runs_of_one_process_gives_its_new_pixe
     init image and runs the recipe again renders from the new pixels, not the cached ones."""
     path = tmp_path / "init.png"
     Image.new("RGB", (64, 64), "red").save(path)
-    before = header_of(path)
+    before = init_image(path)
     assert init_images.prepared(before, (64, 64)).rgb.getpixel((0, 0)) == (255, 0, 0)
 
     Image.new("RGB", (64, 64), "blue").save(path)
-    after = header_of(path)
+    after = init_image(path)
 
     assert init_images.prepared(after, (64, 64)).rgb.getpixel((0, 0)) == (0, 0, 255)
-
-
-def header_of(path: Path) -> InitImage:
-    header = read_header(path)
-    return InitImage(path, path.name, header.sha256, header.width, header.height)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from batchgen.engine import Engine
-from batchgen.images import prepare, read_header
+from batchgen.images import PreparedImage, prepare, read_header
 from batchgen.job import InitImage, Job
 from batchgen.masks import latent_mask, redraw_mask
 from batchgen.models import ModelSource, resolve_model
@@ -62,6 +62,20 @@ def opaque_ring(pixels: np.ndarray, margin: int) -> np.ndarray:
         False
     )
     return pixels[keep]
+
+
+def test_a_mask_file_edited_between_runs_of_one_process_is_read_again(
+    tmp_path: Path, job: Job
+) -> None:
+    """Masks are cached by content, as init images are (see test_init_images.py)."""
+    path = tmp_path / "mask.png"
+    init = PreparedImage(Image.new("RGB", (64, 64)), None)
+    masks = []
+    for colour in ("white", "black"):  # redraw everything, then nothing
+        Image.new("L", (64, 64), colour).save(path)
+        masks.append(redraw_mask(replace(job, mask=init_image(path), mask_blur=0), init))
+    assert masks[0] is not None and masks[1] is not None
+    assert masks[0].min() == 1.0 and masks[1].max() == 0.0
 
 
 def test_only_the_transparent_region_is_redrawn(tmp_path: Path, engine: Engine, job: Job) -> None:
