@@ -8,6 +8,7 @@ longer has are kept and shown, never deleted. Torch-free, so `batchgen plan` ans
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -47,9 +48,6 @@ class Plan:
     # The latest rows of jobs the recipe no longer makes: kept on disk and in the manifest.
     outside: tuple[ManifestRow, ...] = ()
 
-    def count(self, status: JobStatus) -> int:
-        return sum(1 for planned in self.jobs if planned.status == status)
-
     @property
     def done_here(self) -> int:
         """Jobs of this shard (of the whole matrix, when not sharded) already done."""
@@ -60,19 +58,6 @@ class Plan:
         """This shard's jobs that a run makes, in job order: those not done, or with `redo`
         only the failed ones, or every one."""
         return [p for p in self.jobs if p.mine and _redone(p.status, self.redo)]
-
-    @property
-    def to_run(self) -> list[Job]:
-        return [planned.job for planned in self.runs]
-
-    @property
-    def steps_to_run(self) -> int:
-        return sum(job.steps_taken for job in self.to_run)
-
-    @property
-    def megapixel_steps_to_run(self) -> float:
-        """Cost estimate: denoising steps × megapixels, what UNet time grows with."""
-        return sum(_megapixel_steps(job) for job in self.to_run)
 
     def summarize(self, keep: int | None = 50, columns: Columns | None = None) -> PlanSummary:
         tally = _Tally(self.recipe, self.dtype, self.shard, self.redo, keep, columns or {})
@@ -94,7 +79,7 @@ class PlanSummary:
     dtype: str
     total: int
     counts: Mapping[JobStatus, int]
-    to_run: int  # as Plan.to_run: this shard's jobs that a run makes
+    to_run: int  # how many of this shard's jobs a run makes (Plan.runs)
     steps_to_run: int
     megapixel_steps_to_run: float
     head: tuple[PlannedJob, ...]  # the first jobs, in job order (all of them when asked)
@@ -165,6 +150,7 @@ class _Tally:
 
 
 def _megapixel_steps(job: Job) -> float:
+    """Cost estimate: denoising steps × megapixels, what UNet time grows with."""
     return job.steps_taken * job.width * job.height / 1e6
 
 
@@ -188,29 +174,38 @@ def file_sha256(path: Path) -> str | None:
     return digest.hexdigest()
 
 
-def _image_digests(run_dir: Path, rows: Iterable[ManifestRow]) -> dict[str, str | None]:
-    """The sha256 of every image the done rows name (None: unreadable), by path, hashed on
-    several threads: checking that a large folder's done images are unchanged reads
-    gigabytes, and hashlib and file reads let go of the GIL."""
-    paths = sorted({row.path for row in rows if row.status == "done" and row.path})
+def image_sha256s(run_dir: Path, paths: Iterable[str]) -> dict[str, str | None]:
+    """Each image's sha256 (None: unreadable), by path, hashed on several threads: checking
+    that a large folder's done images are unchanged reads gigabytes, and hashlib and file
+    reads let go of the GIL."""
+    paths = sorted(set(paths))
+    if not paths:
+        return {}
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         digests = pool.map(lambda path: file_sha256(run_dir / path), paths)
         return dict(zip(paths, digests, strict=True))
 
 
-def _status(row: ManifestRow | None, digests: Mapping[str, str | None]) -> tuple[JobStatus, str]:
-    """The job's status from its latest row and the sha256 of its image file (`digests`), and
-    why a done row does not count."""
+def _status(
+    row: ManifestRow | None, image_sha256: Callable[[str], str | None]
+) -> tuple[JobStatus, str]:
+    """The job's status from its latest row and the sha256 of the image it names, and why a
+    done row does not count."""
     if row is None:
         return "todo", ""
     if row.status == "failed":
         return "failed", ""
-    sha256 = digests.get(row.path)
+    sha256 = image_sha256(row.path)
     if sha256 is None:
         return "todo", f"{row.path} is missing"
     if sha256 != row.sha256:
         return "todo", f"{row.path} changed on disk since it was made"
     return "done", ""
+
+
+# Jobs whose images `summarize_plan` checks together: enough to keep the threads busy, few
+# enough that its memory does not grow with the recipe.
+CHECK_CHUNK = 256
 
 
 def _index_width(job_count: int) -> int:
@@ -223,18 +218,32 @@ class _Ledger:
     has made so far."""
 
     def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
         rows, self.latest = Manifest(run_dir).rows_and_latest()  # latest: job id → its row
         # image path → the id of the job whose row names it
         self.claimed = {row.path: row.id for row in rows if row.path}
-        self.digests = _image_digests(run_dir, self.latest.values())
+        self._sha256s: dict[str, str | None] = {}  # image path → sha256, once checked
         self._not_planned = dict(self.latest)
+
+    def check_images(self, jobs: Iterable[Job]) -> None:
+        """Hash, together on several threads, the images that these jobs' done rows name,
+        ahead of `planned` asking for them one by one. Only these: the images of rows that
+        the recipe no longer has are never read."""
+        rows = (self.latest.get(job.id) for job in jobs)
+        paths = {row.path for row in rows if row and row.status == "done" and row.path}
+        self._sha256s.update(image_sha256s(self.run_dir, paths - self._sha256s.keys()))
+
+    def _image_sha256(self, path: str) -> str | None:
+        if path not in self._sha256s:  # not checked ahead
+            self._sha256s[path] = file_sha256(self.run_dir / path)
+        return self._sha256s[path]
 
     def planned(self, job: Job, mine: bool, index_width: int | None) -> PlannedJob:
         """The job's status and image path: its row's, or a new one (left empty without
         `index_width`: see summarize_plan)."""
         self._not_planned.pop(job.id, None)
         row = self.latest.get(job.id)
-        status, note = _status(row, self.digests)
+        status, note = _status(row, self._image_sha256)
         if row and row.path:
             path = row.path
         else:
@@ -265,6 +274,7 @@ def make_plan(
 ) -> Plan:
     ledger = _Ledger(recipe.output)
     jobs = list(expand(recipe, dtype))
+    ledger.check_images(jobs)
     index_width = _index_width(len(jobs))
     owners = assign(jobs, shard.count, shard_unit(batch_size)) if shard else [0] * len(jobs)
     planned = tuple(
@@ -294,8 +304,11 @@ def summarize_plan(
         return make_plan(recipe, dtype, shard, redo, batch_size).summarize(keep, columns)
     ledger = _Ledger(recipe.output)
     tally = _Tally(recipe, dtype, shard, redo, keep, columns or {})
-    for job in expand(recipe, dtype):
-        tally.add(ledger.planned(job, mine=True, index_width=None))
+    jobs = expand(recipe, dtype)
+    while chunk := list(itertools.islice(jobs, CHECK_CHUNK)):
+        ledger.check_images(chunk)
+        for job in chunk:
+            tally.add(ledger.planned(job, mine=True, index_width=None))
     # A new image's name holds the job number padded to the job count, known only now.
     index_width = _index_width(tally.total)
     head = tuple(

@@ -14,6 +14,7 @@ from batchgen.cli import _PLAN_COLUMNS
 from batchgen.job import Job
 from batchgen.plan import make_plan, summarize_plan
 from batchgen.recipe import load_recipe
+from batchgen.store import Manifest
 from tests.test_cli import invoke, write_recipe
 from tests.test_resume import RECIPE  # four jobs, each with denoising steps
 
@@ -61,26 +62,30 @@ def test_a_summary_holds_only_the_jobs_it_shows(
     assert sum(ref() is not None for ref in made) == 5
 
 
-def test_done_images_are_hashed_each_once_and_a_missing_one_is_none(tmp_path: Path) -> None:
-    """The threaded check of done images gives each file's sha256, as a plain read would."""
-    import hashlib
-    from types import SimpleNamespace
+def test_planning_reads_each_done_image_of_the_recipe_once_and_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking that done images are unchanged reads them whole (on several threads): each
+    image of a job in the recipe once, and none of the rows the recipe no longer has."""
+    recipe = write_recipe(tmp_path, RECIPE)
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    recipe.write_text(recipe.read_text().replace("[0.5, 0.75]", "[0.5, 0.9]"))
+    edited = load_recipe(recipe)
+    kept = {row.path for row in Manifest(tmp_path / "out").latest().values() if row.strength == 0.5}
+    read: list[str] = []
+    file_sha256 = plan_module.file_sha256
 
-    for number in range(20):
-        (tmp_path / f"{number}.png").write_bytes(bytes([number]) * (number * 1000 + 1))
-    rows = [SimpleNamespace(status="done", path=f"{number}.png") for number in range(20)]
-    rows += [
-        SimpleNamespace(status="done", path="gone.png"),
-        SimpleNamespace(status="failed", path=""),
-        SimpleNamespace(status="done", path="0.png"),  # retried: two rows, one file
-    ]
+    def recording(path: Path) -> str | None:
+        read.append(path.relative_to(tmp_path / "out").as_posix())
+        return file_sha256(path)
 
-    digests = plan_module._image_digests(tmp_path, rows)  # type: ignore[arg-type]
-
-    assert digests == {
-        **{
-            f"{n}.png": hashlib.sha256((tmp_path / f"{n}.png").read_bytes()).hexdigest()
-            for n in range(20)
-        },
-        "gone.png": None,
-    }
+    monkeypatch.setattr(plan_module, "file_sha256", recording)
+    for plan_it in (
+        lambda: make_plan(edited, "float32"),
+        lambda: summarize_plan(edited, "float32", columns=_PLAN_COLUMNS),
+    ):
+        read.clear()
+        plan = plan_it()
+        assert sorted(read) == sorted(kept) and len(kept) == 2
+    assert isinstance(plan, plan_module.PlanSummary) and plan.count("done") == 2
