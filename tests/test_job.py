@@ -8,6 +8,8 @@ from pathlib import Path
 
 from batchgen.job import InitImage, Job
 
+# Spelled out here rather than shared with other tests' jobs: the pinned ids below must not
+# move when another test edits its job.
 INIT = InitImage(Path("/x/fire.png"), "pictures/fire.png", "ab" * 32, 512, 512)
 JOB = Job(
     index=1,
