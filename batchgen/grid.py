@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import re
@@ -35,7 +34,7 @@ from batchgen.store import (
     SHARD_LEDGER_DIR,
     Manifest,
     ManifestRow,
-    write_file_atomically,
+    write_png_atomically,
 )
 
 GRIDS_DIR = "grids"
@@ -468,9 +467,7 @@ def _write(run_dir: Path, grid: _Grid, path: Path, inits: _InitImages) -> GridRe
     }
     info = PngInfo()
     info.add_text(TEXT_CHUNK, json.dumps(record))
-    buffer = io.BytesIO()
-    _draw(layout).save(buffer, format="PNG", pnginfo=info)
-    write_file_atomically(path, buffer.getvalue())
+    write_png_atomically(_draw(layout), path, info)
     return GridResult(path, jobs, True, note, grid.fixed)
 
 

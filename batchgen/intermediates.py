@@ -9,7 +9,6 @@ out. No torch import here: tensors arrive from the engine and leave as numpy arr
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from batchgen.images import PreparedImage
-from batchgen.store import write_file_atomically
+from batchgen.store import write_png_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -211,9 +210,7 @@ def write_strip(
     info = PngInfo()
     steps = [[frame.index, frame.timestep] for frame in frames]
     info.add_text(STRIP_TEXT_KEY, json.dumps({"job_id": job_id, "note": note, "steps": steps}))
-    buffer = io.BytesIO()
-    strip.save(buffer, format="PNG", pnginfo=info)
-    write_file_atomically(path, buffer.getvalue())
+    write_png_atomically(strip, path, info)
 
 
 def _cell(picture: Image.Image, cell_px: int) -> Image.Image:

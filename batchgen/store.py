@@ -66,6 +66,22 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
+# zlib level 1, as InvokeAI writes its PNGs: 3× faster to encode than Pillow's default 6 (256 px
+# images: 8 against 28 ms; a 1564×636 grid: 70 against 230 ms, on a 2-core EPYC) for files
+# 15–20% larger. Lossless either way, and `verify` compares pixels, not bytes.
+PNG_COMPRESS_LEVEL = 1
+
+
+def write_png_atomically(image: Image.Image, path: Path, info: PngInfo | None = None) -> bytes:
+    """Encode `image` as a PNG with the text chunks in `info`, write it with
+    `write_file_atomically` and return the file's bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    data = buffer.getvalue()
+    write_file_atomically(path, data)
+    return data
+
+
 def _fsync_folder(folder: Path) -> None:
     if os.name != "posix":  # Windows cannot open a folder to fsync it
         return
@@ -242,11 +258,7 @@ def write_image(
     info = PngInfo()
     info.add_text("parameters", parameters)
     info.add_text("batchgen", json.dumps(job_record(job) | dict(made_with or {})))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    data = buffer.getvalue()
-    write_file_atomically(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(write_png_atomically(image, path, info)).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from batchgen.store import (
     Ledger,
     Manifest,
     ManifestRow,
-    write_file_atomically,
+    write_png_atomically,
 )
 
 MAX_LEVEL = 255  # 8-bit pixels: differences and PSNR are in these levels
@@ -328,9 +328,7 @@ def _write_difference(path: Path, expected: np.ndarray, actual: np.ndarray) -> N
         draw.text((left, 2), label, fill=LABEL_INK, font=font)
         canvas.paste(image.convert("RGB"), (left, LABEL_BAND))
         left += slot + PANEL_GAP
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    write_file_atomically(path, buffer.getvalue())
+    write_png_atomically(canvas, path)
 
 
 # ---------------------------------------------------------------------------------------------
