@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchgen import __version__
-from batchgen.devices import DTYPES, FastPaths, default_dtype, guess_device
+from batchgen.devices import DTYPES, FastPathFailedError, FastPaths, default_dtype, guess_device
 from batchgen.job import Job
 from batchgen.lock_changes import lock_changes
 from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
@@ -283,7 +283,7 @@ def run(
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None
-    except BadInputError as error:
+    except (BadInputError, FastPathFailedError) as error:
         raise BadInput(str(error)) from None
     except RunLockedError as error:
         click.echo(f"error: {error}", err=True)

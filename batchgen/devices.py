@@ -43,3 +43,9 @@ class FastPaths:
 
 
 NO_FAST_PATHS = FastPaths()
+
+
+class FastPathFailedError(RuntimeError):
+    """A fast path asked for cannot work on this machine (`compile` without a C++ compiler
+    for the CPU or Triton for the GPU, or a graph break in the model). Every batch would meet
+    it, so a run stops with this instead of failing job after job."""

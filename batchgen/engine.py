@@ -28,7 +28,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from batchgen.batching import auto_batch_size, batch_key, cpu_decode_size
-from batchgen.devices import DTYPES, NO_FAST_PATHS, FastPaths, default_dtype
+from batchgen.devices import (
+    DTYPES,
+    NO_FAST_PATHS,
+    FastPathFailedError,
+    FastPaths,
+    default_dtype,
+)
 from batchgen.images import PreparedImage
 from batchgen.job import Job, taken_steps
 from batchgen.loading import load_components
@@ -308,9 +314,7 @@ class Engine:
                     torch.cat([conditioning] * 2) if do_classifier_free_guidance else conditioning
                 )
                 latent_model_input = torch.cat([latent_model_input, extra], dim=1)
-            noise_pred = self.unet(
-                latent_model_input, t, encoder_hidden_states=prompt_embeds, return_dict=False
-            )[0]
+            noise_pred = self.predict_noise(latent_model_input, t, prompt_embeds)
             if do_classifier_free_guidance:
                 noise_pred = classifier_free_guidance(noise_pred, [job.cfg for job in jobs])
             step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
@@ -339,6 +343,24 @@ class Engine:
             if mask is not None:
                 pixels[sample] = composite(pixels[sample], init.rgb, mask)
         return pixels
+
+    def predict_noise(
+        self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's output. Compiling happens here, at the first call of each batch shape:
+        a failure to compile is a FastPathFailedError, which stops the run."""
+        try:
+            return self.unet(
+                sample, timestep, encoder_hidden_states=prompt_embeds, return_dict=False
+            )[0]
+        except torch._dynamo.exc.TorchDynamoException as error:  # only compiled code raises it
+            cause = getattr(error, "inner_exception", None) or error  # the backend's own error
+            reason = next(iter(str(cause).strip().splitlines()), "")  # then: how to debug torch
+            raise FastPathFailedError(
+                f"--fast compile cannot compile the UNet here: {type(cause).__name__}: {reason}. "
+                "torch.compile needs a C++ compiler on the CPU (g++ or clang++ on PATH, or "
+                "CXX) and Triton on a GPU: install it, or run without --fast compile"
+            ) from error
 
     def inpainting_conditioning(
         self,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from PIL import Image
 
 from batchgen.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
-from batchgen.devices import NO_FAST_PATHS, FastPaths
+from batchgen.devices import NO_FAST_PATHS, FastPathFailedError, FastPaths
 from batchgen.grid import make_grids, run_specs
 from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage
 from batchgen.init_images import InitImagePrefetcher, prepared
@@ -196,6 +196,8 @@ class _BatchRenderer:
                 )
             images = list(engine.render_batch(jobs, prepared, recorder))  # type: ignore[arg-type]
             error = ""
+        except FastPathFailedError:
+            raise  # not this batch's fault: every batch would fail alike
         except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
             error = f"{type(failure).__name__}: {failure}"
             out_of_memory = len(batch) > 1 and _out_of_memory(failure)
@@ -325,7 +327,9 @@ def run(
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet (with `redo`, also its failed
     jobs only, or every job). Raises RecipeError or BadInputError on bad input and
-    RunLockedError when another run holds the folder, all before any model is loaded."""
+    RunLockedError when another run holds the folder, all before any model is loaded;
+    BadInputError too when a later model cannot load, and FastPathFailedError when a `--fast`
+    path cannot work here (both stop the run, keeping the images it made)."""
     started = time.perf_counter()
     recipe = load_recipe(recipe_path, output)
     problems = check(recipe, max_jobs)
@@ -600,8 +604,8 @@ def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], in
             try:
                 init = prepared(job.init_image, (job.width, job.height))
                 sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
-            except BadInputError:
-                raise  # the model cannot load: the run stops with what to fix
+            except (BadInputError, FastPathFailedError):
+                raise  # the model cannot load or compile: the run stops with what to fix
             except Exception as error:  # noqa: BLE001 — the jobs themselves meet it and fail
                 engines.reporter.message(
                     f"cannot measure the batch size for {job.width}x{job.height} "

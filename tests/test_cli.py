@@ -421,6 +421,34 @@ def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
     assert code == 0 and "prompt" in output
 
 
+def test_a_compile_that_cannot_work_here_stops_the_run_with_what_to_do(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a CPU box without a C++ compiler: every batch would fail compiling after
+    tracing the UNet again, so the run stops at the first (exit 2) and fails no job."""
+    import torch
+
+    def no_compiler(graph: object, example_inputs: object) -> None:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found (simulated)")
+
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda model, **options: real_compile(model, backend=no_compiler, **options),
+    )
+    code, output = invoke("run", str(recipe), "--fast", "compile")
+
+    assert code == 2, output
+    assert "--fast compile cannot compile the UNet here" in output
+    assert "No working C++ compiler found (simulated)" in output
+    assert "run without --fast compile" in output
+    rows = manifest(recipe.parent / "out")
+    # The strength-0 batch came first and needs no UNet: its images are kept.
+    assert [(row["strength"], row["status"]) for row in rows] == [("0.0", "done")] * 2
+    assert invoke("run", str(recipe))[0] == 0  # without it, the same command finishes
+
+
 def test_fast_paths_are_opt_in_recorded_and_change_pixels_within_a_level(
     recipe: Path, tmp_path: Path
 ) -> None:
