@@ -9,10 +9,11 @@ jobs at once (batching.py decides which); `render` is a batch of one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -203,9 +204,6 @@ class Engine:
             self.vae.enable_tiling()
         if fast.vae_slicing:
             self.vae.enable_slicing()
-        if fast.tf32:  # process-wide: one model runs at a time
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         if fast.compile:
             # Compiled lazily at the first call of each batch shape; `fullgraph` so that a
             # graph break shows as an error instead of a silent slowdown.
@@ -272,7 +270,6 @@ class Engine:
         8 bits. Needs at least one denoising step (`render` handles strength 0)."""
         return self.render_pixels_batch([job], [init], on_step)[0]
 
-    @torch.no_grad()
     def render_pixels_batch(
         self,
         jobs: Sequence[Job],
@@ -281,6 +278,16 @@ class Engine:
     ) -> np.ndarray:
         """The jobs' images as float RGB in [0, 1], batch × height × width × 3: the
         pipeline's img2img with a list of generators, one per job, and per-job cfg."""
+        with tf32(self.fast_paths.tf32):
+            return self._render_pixels_batch(jobs, inits, on_step)
+
+    @torch.no_grad()
+    def _render_pixels_batch(
+        self,
+        jobs: Sequence[Job],
+        inits: Sequence[PreparedImage],
+        on_step: StepCallback | None,
+    ) -> np.ndarray:
         check_batch(jobs, inits)
         # One CPU generator per job, as a list of `generator=` in diffusers: each sample draws
         # what it would draw alone, on any device.
@@ -546,6 +553,21 @@ class Engine:
         """Latents (the UNet's scaling, the batch's first) through the VAE to an 8-bit image:
         for a batch of one's final latents, exactly the image `render` returns."""
         return VaeImageProcessor.numpy_to_pil(self.decode(latents)[None])[0]
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions on Ampere and later GPUs, on or off inside
+    the block only. The flags are process-wide, and torch's defaults (off for matmuls, on for
+    cuDNN convolutions) would leave a float32 render without `--fast tf32` half in TF32 and
+    an engine's choice in force for whatever runs after it."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 class NonFiniteImageError(RuntimeError):

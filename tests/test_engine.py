@@ -234,6 +234,27 @@ def test_compiled_unet_renders_what_the_plain_one_does_on_the_cpu(
     assert np.abs(faster - plain).max() <= 2
 
 
+@pytest.mark.parametrize("asked", [False, True])
+def test_tf32_is_the_engines_own_choice_while_it_renders_and_only_then(
+    engine: Engine, job: Job, init: PreparedImage, monkeypatch: pytest.MonkeyPatch, asked: bool
+) -> None:
+    """The flags are process-wide, and torch turns TF32 on for cuDNN convolutions unless told
+    otherwise: a float32 render without `--fast tf32` must not run half in it, nor leave an
+    engine's choice behind for the next (the benchmark's plain loop runs in the same process)."""
+
+    def flags() -> tuple[bool, bool]:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    during: set[tuple[bool, bool]] = set()
+    before = flags()
+    monkeypatch.setattr(engine, "fast_paths", FastPaths(tf32=asked))
+
+    engine.render(job, init, lambda state: during.add(flags()))
+
+    assert during == {(asked, asked)}
+    assert flags() == before
+
+
 def test_nan_pixels_from_the_vae_are_an_error_not_a_black_image(
     engine: Engine, job: Job, init: PreparedImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
