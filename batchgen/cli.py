@@ -32,7 +32,7 @@ from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.shard import Shard, ShardError, parse_shard
 from batchgen.status import NotARunFolderError, run_status
 from batchgen.status import describe as describe_status
-from batchgen.store import ManifestError, mask_label, read_lock_file
+from batchgen.store import PNG_COMPRESS_LEVEL, ManifestError, mask_label, read_lock_file
 
 EXIT_BAD_INPUT = 2
 
@@ -225,6 +225,16 @@ redo_option = click.option(
     "minutes of warm-up per batch shape, then faster), vae_tiling and vae_slicing (less "
     "memory for large images and batches), tf32 (Ampere+ GPUs, float32 only).",
 )
+@click.option(
+    "--png-compression",
+    type=click.IntRange(0, 9),
+    default=PNG_COMPRESS_LEVEL,
+    show_default=True,
+    metavar="0-9",
+    help="The images' zlib level. 1 writes fastest; 6 (Pillow's default) makes files about "
+    "17% smaller for 3-4x the CPU time, 9 about 22% smaller for 25x. Lossless at every level: "
+    "pixels and job ids do not depend on it.",
+)
 @comparison_options
 def run(
     recipe: Path,
@@ -239,6 +249,7 @@ def run(
     quiet: bool,
     batch_size: int | Literal["auto"],
     fast_paths: tuple[str, ...],
+    png_compression: int,
     reference: Path | None,
     max_diff: int | None,
     min_psnr: float | None,
@@ -280,6 +291,7 @@ def run(
             redo=redo,
             batch_size=batch_size,
             fast_paths=FastPaths(**dict.fromkeys(fast_paths, True)),
+            png_compression=png_compression,
         )
     except RecipeError as error:
         raise _problems_exit(error.problems) from None

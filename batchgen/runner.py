@@ -40,6 +40,8 @@ from batchgen.resume import orphans, remove_temp_files
 from batchgen.runlock import LOCKS_DIR, RunLock
 from batchgen.shard import Shard, launcher_device, shard_from_environment
 from batchgen.store import (
+    PNG_COMPRESS_LEVEL,
+    PNG_COMPRESS_LEVELS,
     RUN_LOG_NAME,
     Manifest,
     ManifestError,
@@ -69,6 +71,7 @@ class RunOptions:
     fail_fast: bool
     batch_size: BatchSize  # jobs per denoising loop, or "auto": see batching.auto_batch_size
     fast_paths: FastPaths
+    png_compression: int  # the images' zlib level: see store.PNG_COMPRESS_LEVEL
 
 
 @dataclass(frozen=True)
@@ -324,6 +327,7 @@ def run(
     redo: Redo | None = None,
     batch_size: BatchSize = "auto",
     fast_paths: FastPaths = NO_FAST_PATHS,
+    png_compression: int = PNG_COMPRESS_LEVEL,
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet (with `redo`, also its failed
     jobs only, or every job). Raises RecipeError or BadInputError on bad input and
@@ -338,6 +342,8 @@ def run(
 
     from batchgen import engine as engine_module  # torch loads here, after validation
 
+    if png_compression not in PNG_COMPRESS_LEVELS:
+        raise BadInputError(f"PNG compression {png_compression} is not a zlib level 0–9")
     try:
         device = launcher_device(engine_module.resolve_device(device))
         dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
@@ -367,7 +373,7 @@ def run(
             for warning in recipe.warnings:
                 reporter.warning(str(warning))
             plan = _resume(recipe, dtype, shard, redo, batch_size, reporter)
-            options = RunOptions(fail_fast, batch_size, fast_paths)
+            options = RunOptions(fail_fast, batch_size, fast_paths, png_compression)
             return _run_plan(plan, engine_module.Engine, device, reporter, options, started)
     finally:
         run_lock.release()
@@ -527,7 +533,9 @@ def _make_images(
     wanted = {planned.job.id for planned in to_make}
     failed = 0
     reporter.start(len(to_make))
-    writer = ImageWriter(recipe.output, manifest, reporter, depth=2 * MAX_BATCH_SIZE)
+    writer = ImageWriter(
+        recipe.output, manifest, reporter, 2 * MAX_BATCH_SIZE, options.png_compression
+    )
     renderer = _BatchRenderer(plan, reporter)
     prefetcher = InitImagePrefetcher()
     with _stop_on_signals(reporter) as stop:

@@ -20,7 +20,13 @@ from batchgen.intermediates import Frame, write_strip
 from batchgen.models import ModelSource
 from batchgen.plan import PlannedJob
 from batchgen.progress import Reporter
-from batchgen.store import Manifest, ManifestRow, a1111_parameters, write_image
+from batchgen.store import (
+    PNG_COMPRESS_LEVEL,
+    Manifest,
+    ManifestRow,
+    a1111_parameters,
+    write_image,
+)
 
 
 class StorageError(OSError):
@@ -57,9 +63,11 @@ def describe(row: ManifestRow) -> str:
     return f"{what} FAILED: {row.error}"
 
 
-def write_finished(run_dir: Path, finished: FinishedJob) -> ManifestRow:
+def write_finished(
+    run_dir: Path, finished: FinishedJob, compress_level: int = PNG_COMPRESS_LEVEL
+) -> ManifestRow:
     """Write the job's files and return its manifest row; StorageError when the folder
-    cannot be written."""
+    cannot be written. `compress_level` is the image's zlib level (strips keep the default)."""
     planned = finished.planned
     job, path = planned.job, planned.path
     sha256 = ""
@@ -78,7 +86,9 @@ def write_finished(run_dir: Path, finished: FinishedJob) -> ManifestRow:
                 "batch_size": finished.batch_size,
                 "fast_paths": finished.fast_paths,
             }
-            sha256 = write_image(finished.image, run_dir / path, job, parameters, made_with)
+            sha256 = write_image(
+                finished.image, run_dir / path, job, parameters, made_with, compress_level
+            )
             if finished.frames:  # before the row: a done row means its strip exists too
                 write_strip(
                     finished.frames,
@@ -108,8 +118,16 @@ class ImageWriter:
     """The background writer: `submit` each finished job in order, `close` at the end.
     A storage error stops the writing; `submit` and `close` then raise it."""
 
-    def __init__(self, run_dir: Path, manifest: Manifest, reporter: Reporter, depth: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        manifest: Manifest,
+        reporter: Reporter,
+        depth: int,
+        compress_level: int = PNG_COMPRESS_LEVEL,
+    ) -> None:
         self.run_dir = run_dir
+        self.compress_level = compress_level
         self.manifest = manifest
         self.reporter = reporter
         self.made = 0
@@ -135,7 +153,7 @@ class ImageWriter:
             if self.error is not None:
                 continue  # not recorded: the next run makes it again
             try:
-                row = write_finished(self.run_dir, finished)
+                row = write_finished(self.run_dir, finished, self.compress_level)
                 try:
                     self.manifest.append(row)
                 except OSError as error:  # at most a torn last row, which reading ignores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import signal
@@ -21,6 +22,7 @@ from batchgen import __version__
 from batchgen.cli import main
 from batchgen.images import prepare
 from batchgen.job import InitImage
+from batchgen.runner import BadInputError, run
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = """
@@ -421,12 +423,33 @@ def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
     assert code == 0 and "prompt" in output
 
 
+def test_png_compression_changes_file_sizes_not_pixels(recipe: Path, tmp_path: Path) -> None:
+    assert invoke("run", str(recipe))[0] == 0
+    code, output = invoke(
+        "run", str(recipe), "--output", str(tmp_path / "packed"), "--png-compression", "9"
+    )
+    assert code == 0, output
+    for fast, packed in zip(
+        manifest(recipe.parent / "out"), manifest(tmp_path / "packed"), strict=True
+    ):
+        assert fast["id"] == packed["id"]
+        fast_bytes = (recipe.parent / "out" / fast["path"]).read_bytes()
+        packed_bytes = (tmp_path / "packed" / packed["path"]).read_bytes()
+        assert len(packed_bytes) < len(fast_bytes)
+        pixels = [np.asarray(Image.open(io.BytesIO(data))) for data in (fast_bytes, packed_bytes)]
+        assert np.array_equal(*pixels)
+
+    code, output = invoke("run", str(recipe), "--png-compression", "10")
+    assert code == 2 and "--png-compression" in output
+    with pytest.raises(BadInputError, match="not a zlib level"):
+        run(recipe, png_compression=10)  # the library checks too
+
+
 def test_a_compile_that_cannot_work_here_stops_the_run_with_what_to_do(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As on a CPU box without a C++ compiler: every batch would fail compiling after
     tracing the UNet again, so the run stops at the first (exit 2) and fails no job."""
-    import torch
 
     def no_compiler(graph: object, example_inputs: object) -> None:
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found (simulated)")
