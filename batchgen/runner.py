@@ -339,11 +339,10 @@ def run(
     problems = check(recipe, max_jobs)
     if problems:
         raise RecipeError(problems)
-
-    from batchgen import engine as engine_module  # torch loads here, after validation
-
     if png_compression not in PNG_COMPRESS_LEVELS:
         raise BadInputError(f"PNG compression {png_compression} is not a zlib level 0–9")
+
+    from batchgen import engine as engine_module  # torch loads here, after validation
     try:
         device = launcher_device(engine_module.resolve_device(device))
         dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
