@@ -343,6 +343,7 @@ def run(
         raise BadInputError(f"PNG compression {png_compression} is not a zlib level 0–9")
 
     from batchgen import engine as engine_module  # torch loads here, after validation
+
     try:
         device = launcher_device(engine_module.resolve_device(device))
         dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
