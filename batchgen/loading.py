@@ -24,7 +24,7 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from batchgen.models import ModelSource, detect_config
+from batchgen.models import CLIP_BPE_DIR, CONFIGS_DIR, ModelSource, detect_config
 
 # mypy sees diffusers' lazily imported model classes as opaque (no `encode`, not callable), so
 # to the type checker they are Any, like engine.Scheduler.
@@ -88,9 +88,7 @@ def _components_from_folder(
     folder: Path, torch_dtype: torch.dtype, variant: str | None
 ) -> Components:
     return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(
-            folder, subfolder="tokenizer", local_files_only=True
-        ),
+        tokenizer=load_tokenizer(folder),
         text_encoder=CLIPTextModel.from_pretrained(
             folder,
             subfolder="text_encoder",
@@ -104,6 +102,21 @@ def _components_from_folder(
         ),
         scheduler_config=_scheduler_config(folder),
     )
+
+
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The CLIP tokenizer in `folder`/tokenizer. batchgen's shipped configs keep only their
+    special tokens there and share one copy of CLIP's vocabulary and merges (CLIP_BPE_DIR)."""
+    shared_bpe: dict[str, Any] = {}
+    if folder.resolve().parent == CONFIGS_DIR.resolve():
+        shared_bpe = {
+            "vocab_file": str(CLIP_BPE_DIR / "vocab.json"),
+            "merges_file": str(CLIP_BPE_DIR / "merges.txt"),
+        }
+    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(
+        folder, subfolder="tokenizer", local_files_only=True, **shared_bpe
+    )
+    return tokenizer
 
 
 def _weights_options(
@@ -181,9 +194,7 @@ def _components_from_checkpoint(
             CLIPTextModel, checkpoint, subfolder="text_encoder", **options
         )
     return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(
-            config, subfolder="tokenizer", local_files_only=True
-        ),
+        tokenizer=load_tokenizer(config),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,

@@ -33,6 +33,8 @@ BUILTIN_DIR = Path(batchgen.__file__).parent / "builtin"
 # Weightless diffusers folders for single-file checkpoints (tools/make_sd_configs.py).
 CONFIGS_DIR = BUILTIN_DIR / "configs"
 SHIPPED_CONFIGS = ("sd15", "sd2", "sd2-base")
+# CLIP's BPE vocabulary and merges, which all of them use: shipped once, not in each tokenizer/.
+CLIP_BPE_DIR = CONFIGS_DIR / "clip-bpe"
 # Those a checkpoint's tensor shapes can tell apart: 2.x base has 768-v's shapes.
 DETECTED_CONFIGS = ("sd15", "sd2")
 BUILTIN_PREFIX = "builtin:"

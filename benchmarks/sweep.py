@@ -49,6 +49,7 @@ import batchgen.engine
 from batchgen.devices import NO_FAST_PATHS, FastPaths
 from batchgen.images import prepare
 from batchgen.job import Job
+from batchgen.loading import load_tokenizer
 from batchgen.models import CONFIGS_DIR, resolve_model
 from batchgen.plan import make_plan
 from batchgen.recipe import load_recipe
@@ -330,8 +331,8 @@ def build_random_sd15(folder: Path) -> Path:
         model = build().to(torch.float16)
         model.save_pretrained(partial / name, safe_serialization=True)
         del model
-    for name in ("tokenizer", "scheduler"):
-        shutil.copytree(configs / name, partial / name)
+    load_tokenizer(configs).save_pretrained(partial / "tokenizer")
+    shutil.copytree(configs / "scheduler", partial / "scheduler")
     shutil.copyfile(configs / "model_index.json", partial / "model_index.json")
     partial.rename(folder)
     return folder

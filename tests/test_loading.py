@@ -18,12 +18,13 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from batchgen.loading import CheckpointError, Components, load_components
+from batchgen.loading import CheckpointError, Components, load_components, load_tokenizer
 from batchgen.models import (
     BUILTIN_DIR,
     CONFIGS_DIR,
+    SHIPPED_CONFIGS,
     ModelNotFoundError,
     detect_config,
     resolve_model,
@@ -518,11 +519,9 @@ def test_shipped_configs_build_the_sd_architectures(
     assert not [path for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin")]
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd2"])
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_shipped_tokenizers_give_clips_token_ids(name: str) -> None:
-    tokenizer = CLIPTokenizer.from_pretrained(
-        CONFIGS_DIR / name, subfolder="tokenizer", local_files_only=True
-    )
+    tokenizer = load_tokenizer(CONFIGS_DIR / name)
 
     ids = tokenizer("a photograph of an astronaut riding a horse").input_ids
 
