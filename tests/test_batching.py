@@ -20,6 +20,7 @@ from batchgen.batching import (
     cpu_decode_size,
     make_batches,
 )
+from batchgen.devices import FastPathFailedError
 from batchgen.engine import (
     POSTERIOR_CACHE_ENTRIES,
     PROMPT_CACHE_ENTRIES,
@@ -321,11 +322,32 @@ def test_a_batch_size_probe_that_fails_gives_batches_of_one(
 
     size = _auto_size(engines, model=None)  # type: ignore[arg-type]
 
-    assert size(job) == 1 and size(job) == 1
+    assert size(job) == 1 and size(job) == 1  # asked again: remembered, not probed again
     assert said == [
         f"cannot measure the batch size for {job.width}x{job.height} "
         "(RuntimeError: trial render failed (simulated)): batches of 1"
     ]
+
+
+def test_a_compile_failure_in_the_batch_size_probe_stops_the_run(
+    job: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's trial render is the first compiled call: every batch would fail alike."""
+    from types import SimpleNamespace
+
+    from batchgen import engine as engine_module
+    from batchgen.runner import _auto_size
+
+    def cannot_compile(*args: object) -> int:
+        raise FastPathFailedError("--fast compile cannot compile the UNet here (simulated)")
+
+    monkeypatch.setattr(engine_module, "probe_cuda_batch_size", cannot_compile)
+    engines = SimpleNamespace(device="cuda", load=lambda model: None)
+
+    size = _auto_size(engines, model=None)  # type: ignore[arg-type]
+
+    with pytest.raises(FastPathFailedError, match="simulated"):
+        size(job)
 
 
 def test_probing_needs_a_cuda_engine(engine: Engine, job: Job, init: PreparedImage) -> None:
