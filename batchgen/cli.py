@@ -579,30 +579,22 @@ def grid(
       batchgen grid outputs/example --x strength --y prompt --show-init
       batchgen grid outputs/sweep --x cfg --y seed --where prompt=fire
     """
-    from batchgen.grid import GridError, make_grids, run_specs, spec_from_options  # drawing: slow
+    from batchgen.grid import GridError, make_grids, make_run_grids, spec_from_options  # slow
 
     if not x and (y or z or where):
         raise click.UsageError("--y, --z and --where need --x")
+    removed: list[Path] = []
     try:
-        specs = (
-            [
-                spec_from_options(
-                    x=x,
-                    y=y,
-                    z=z,
-                    where=where,
-                    show_init=show_init,
-                    cell=cell,
-                    margin=margin,
-                    name=name,
-                )
-            ]
-            if x
-            else run_specs(run_dir)
-        )
-        results = make_grids(run_dir, specs)
+        if x:
+            options = {"x": x, "y": y, "z": z, "where": where, "show_init": show_init}
+            spec = spec_from_options(**options, cell=cell, margin=margin, name=name)
+            results = make_grids(run_dir, [spec])
+        else:
+            results, removed = make_run_grids(run_dir)
     except (GridError, ManifestError) as error:
         raise BadInput(str(error)) from None
+    for path in removed:
+        click.echo(f"removed {path} (the run's grids no longer include it)")
     for result in results:
         state = "wrote" if result.written else "unchanged"
         click.echo(f"{state} {result.path}" + (f" ({result.note})" if result.note else ""))

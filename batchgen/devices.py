@@ -6,6 +6,8 @@ driver's files; `run` resolves the device with torch itself (engine.resolve_devi
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,6 +25,17 @@ def default_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
     return "float16" if device.startswith("cuda") else "float32"
+
+
+def slurm_cpu_threads(env: Mapping[str, str] = os.environ) -> int | None:
+    """The CPUs Slurm gave this task (`--cpus-per-task`), as the thread count for a CPU run,
+    when OMP_NUM_THREADS does not set one. Slurm sets no thread count, and torch's default
+    follows the machine, not the allocation: CPU pixels change in the last bits with the
+    thread count, so shards that pick their own would not match each other's runs."""
+    cpus = env.get("SLURM_CPUS_PER_TASK", "")
+    if env.get("OMP_NUM_THREADS") or not cpus.isdigit() or int(cpus) < 1:
+        return None
+    return int(cpus)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,11 @@ class BoundedCache(Generic[CachedValue]):
         return value
 
 
+def use_cpu_threads(count: int) -> None:
+    """The threads torch renders with on the CPU, for this process."""
+    torch.set_num_threads(count)
+
+
 def resolve_device(device: str) -> str:
     """`auto` is CUDA if torch sees a GPU, else Apple's MPS, else the CPU; a device named
     explicitly must be usable here, or this raises a ValueError that says what to use."""

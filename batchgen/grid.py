@@ -39,6 +39,9 @@ from batchgen.store import (
 
 GRIDS_DIR = "grids"
 TEXT_CHUNK = "batchgen-grid"  # PNG tEXt key of the JSON record of what a grid shows
+# Who asked for a grid, as its record says: the run folder itself (its recipe's `grids:` or
+# the default grid), or a spec given to `batchgen grid`.
+RUN_VIEW, OWN_VIEW = "run", "own"
 
 # A grid never exceeds these; a larger one is drawn with smaller cells and says so in its
 # title. 64 Mi pixels stays under Pillow's decompression-bomb warning (Image.MAX_IMAGE_PIXELS,
@@ -99,9 +102,25 @@ class GridResult:
 # The public calls
 
 
-def make_grids(run_dir: Path, specs: Sequence[GridSpec]) -> list[GridResult]:
+def make_run_grids(run_dir: Path) -> tuple[list[GridResult], list[Path]]:
+    """The run folder's own grids (`run_specs`), drawn as `make_grids` draws them, and the
+    files of its own grids drawn earlier that these no longer include removed (a default grid
+    drawn while the run was half done lays out other axes): the grids and what was removed.
+    Grids drawn with a spec of their own (`batchgen grid --x …`) are never removed."""
+    results = make_grids(run_dir, run_specs(run_dir), view=RUN_VIEW)
+    drawn = {result.path for result in results}
+    removed = []
+    for path in sorted((run_dir / GRIDS_DIR).glob("*.png")):
+        if path not in drawn and (_recorded(path) or {}).get("view") == RUN_VIEW:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return results, removed
+
+
+def make_grids(run_dir: Path, specs: Sequence[GridSpec], view: str = OWN_VIEW) -> list[GridResult]:
     """Draw every grid of `specs` from `run_dir`'s manifest into `run_dir/grids/`; a grid whose
-    cells did not change since it was last drawn is left as it is."""
+    cells did not change since it was last drawn is left as it is. `view` is recorded in each
+    grid: RUN_VIEW for the run's own grids (see make_run_grids)."""
     if not (run_dir / MANIFEST_NAME).exists() and not any(
         (run_dir / SHARD_LEDGER_DIR).glob("*.csv")
     ):
@@ -120,7 +139,7 @@ def make_grids(run_dir: Path, specs: Sequence[GridSpec]) -> list[GridResult]:
                     "give one of them a `name`"
                 )
     inits = _InitImages(run_dir, rows)
-    return [_write(run_dir, grid, path, inits) for path, (_, grid) in planned.items()]
+    return [_write(run_dir, grid, path, inits, view) for path, (_, grid) in planned.items()]
 
 
 def default_specs(rows: Iterable[ManifestRow]) -> list[GridSpec]:
@@ -443,12 +462,12 @@ def _init_label(grid: _Grid, y: Any, z: Any) -> str:
 # Writing, or keeping what is there
 
 
-def _write(run_dir: Path, grid: _Grid, path: Path, inits: _InitImages) -> GridResult:
+def _write(run_dir: Path, grid: _Grid, path: Path, inits: _InitImages, view: str) -> GridResult:
     tables = _tables(run_dir, grid, inits)
     content = _content_hash(grid, tables)
     jobs = grid.jobs()
     recorded = _recorded(path)
-    if recorded is not None and recorded.get("content") == content:
+    if recorded is not None and (recorded.get("content"), recorded.get("view")) == (content, view):
         return GridResult(path, jobs, False, str(recorded.get("note", "")), grid.fixed)
     layout, note = _fitting_layout(grid, tables)
     record = {
@@ -463,6 +482,7 @@ def _write(run_dir: Path, grid: _Grid, path: Path, inits: _InitImages) -> GridRe
         "jobs": list(jobs),
         "boxes": layout.job_boxes,  # [left, top, width, height] of each job's cell
         "note": note,
+        "view": view,
         "batchgen_version": __version__,
     }
     info = PngInfo()

@@ -47,6 +47,12 @@ class Plan:
     redo: Redo | None = None
     # The latest rows of jobs the recipe no longer makes: kept on disk and in the manifest.
     outside: tuple[ManifestRow, ...] = ()
+    shard_batches: int = 0  # how many whole batches the sweep is split in, when sharded
+
+    @property
+    def has_mine(self) -> bool:
+        """Whether this shard was given any job (a shard beyond the sweep's batches is not)."""
+        return any(p.mine for p in self.jobs)
 
     @property
     def done_here(self) -> int:
@@ -276,7 +282,8 @@ def make_plan(
     jobs = list(expand(recipe, dtype))
     ledger.check_images(jobs)
     index_width = _index_width(len(jobs))
-    owners = assign(jobs, shard.count, shard_unit(batch_size)) if shard else [0] * len(jobs)
+    split = assign(jobs, shard.count, shard_unit(batch_size)) if shard else None
+    owners = split.owners if split else [0] * len(jobs)
     planned = tuple(
         ledger.planned(
             job,
@@ -285,7 +292,8 @@ def make_plan(
         )
         for job, owner in zip(jobs, owners, strict=True)
     )
-    return Plan(recipe, dtype, planned, shard, redo, ledger.outside)
+    batches = split.batches if split else 0
+    return Plan(recipe, dtype, planned, shard, redo, ledger.outside, batches)
 
 
 def summarize_plan(

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Literal
 from PIL import Image
 
 from batchgen.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
-from batchgen.devices import NO_FAST_PATHS, FastPathFailedError, FastPaths
-from batchgen.grid import make_grids, run_specs
+from batchgen.devices import NO_FAST_PATHS, FastPathFailedError, FastPaths, slurm_cpu_threads
+from batchgen.grid import make_run_grids
 from batchgen.images import SMALL_IMAGE_SIDE, PreparedImage
 from batchgen.init_images import InitImagePrefetcher, prepared
 from batchgen.intermediates import IntermediatesRecorder
@@ -38,7 +38,7 @@ from batchgen.recipe import Recipe, load_recipe
 from batchgen.report import write_report
 from batchgen.resume import orphans, remove_temp_files
 from batchgen.runlock import LOCKS_DIR, RunLock
-from batchgen.shard import Shard, launcher_device, shard_from_environment
+from batchgen.shard import Shard, ShardError, launcher_device, shard_from_environment
 from batchgen.store import (
     PNG_COMPRESS_LEVEL,
     PNG_COMPRESS_LEVELS,
@@ -342,14 +342,21 @@ def run(
     if png_compression not in PNG_COMPRESS_LEVELS:
         raise BadInputError(f"PNG compression {png_compression} is not a zlib level 0–9")
 
+    try:
+        shard = shard or shard_from_environment()
+    except ShardError as error:
+        raise BadInputError(str(error)) from None
+
     from batchgen import engine as engine_module  # torch loads here, after validation
 
     try:
         device = launcher_device(engine_module.resolve_device(device))
         dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
-        shard = shard or shard_from_environment()
     except ValueError as error:
         raise BadInputError(str(error)) from None
+    threads = slurm_cpu_threads() if device == "cpu" else None
+    if threads:
+        engine_module.use_cpu_threads(threads)
     if shard and recipe.variation_mode == "feedback" and any(recipe.axes["variation_count"]):
         raise BadInputError(
             "feedback chains cannot be sharded: each image is the next one's init image, "
@@ -372,6 +379,8 @@ def run(
                 )
             for warning in recipe.warnings:
                 reporter.warning(str(warning))
+            if threads:
+                reporter.message(f"{threads} CPU thread(s), as SLURM_CPUS_PER_TASK says")
             plan = _resume(recipe, dtype, shard, redo, batch_size, reporter)
             options = RunOptions(fail_fast, batch_size, fast_paths, png_compression)
             return _run_plan(plan, engine_module.Engine, device, reporter, options, started)
@@ -459,9 +468,21 @@ def _run_plan(
         except _Stopped as stop:
             made, failed, storage_error = stop.made, stop.failed, str(stop.error)
             reporter.warning(storage_error)
+    elif shard and not plan.has_mine:
+        reporter.message(
+            f"nothing to do: shard {shard} has no batches (the sweep has {plan.shard_batches})"
+        )
     else:
-        reporter.message(f"nothing to do: all {done_before} jobs are done")
-    if not storage_error:
+        of_shard = f" of shard {shard}" if shard else ""
+        reporter.message(f"nothing to do: all {done_before} jobs{of_shard} are done")
+    if storage_error:
+        pass  # the folder cannot be written: the views would fail too
+    elif shard and (left := _left_to_other_shards(plan)):
+        reporter.message(
+            f"grids and report.html wait for the last shard to finish: {left} job(s) of the "
+            "sweep have no row yet"
+        )
+    else:
         _write_views(recipe.output, reporter)
     result = RunResult(
         recipe.output,
@@ -476,6 +497,14 @@ def _run_plan(
     if to_make:
         reporter.message(_summary(result, len(to_make)))
     return result
+
+
+def _left_to_other_shards(plan: Plan) -> int:
+    """Jobs of the sweep with no row in any ledger yet. Each shard writes its rows before it
+    asks, so the last shard to finish finds none and draws the views of the whole sweep: a
+    single run's, not one drawn from a part of it."""
+    latest = Manifest(plan.recipe.output).latest()
+    return sum(1 for planned in plan.jobs if planned.job.id not in latest)
 
 
 def _adopt_orphans(
@@ -630,7 +659,10 @@ def _write_views(run_dir: Path, reporter: Reporter) -> None:
     its cells changed). The images are safe whatever happens here, so a failure is a
     warning, not a failed run."""
     try:
-        for grid in make_grids(run_dir, run_specs(run_dir)):
+        grids, removed = make_run_grids(run_dir)
+        for path in removed:
+            reporter.message(f"grid {path.name} removed: the run's grids no longer include it")
+        for grid in grids:
             if grid.written:
                 reporter.message(f"grid → {grid.path}" + (f" ({grid.note})" if grid.note else ""))
     except (OSError, ValueError) as error:  # GridError is a ValueError
