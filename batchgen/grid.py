@@ -345,9 +345,13 @@ def _slug(text: str) -> str:
 
 
 def _format(value: Any) -> str:
+    """A value as a label shows it: on one line (a prompt pasted with line breaks or tabs
+    reads as it would in a prompt box, and text layout measures single lines), control
+    characters as "□"."""
     if value == "":
         return "(empty)"
-    return str(value)
+    text = " ".join(str(value).split())
+    return "".join("□" if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def _label(axis: str, value: Any) -> str:

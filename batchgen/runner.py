@@ -665,12 +665,12 @@ def _write_views(run_dir: Path, reporter: Reporter) -> None:
         for grid in grids:
             if grid.written:
                 reporter.message(f"grid → {grid.path}" + (f" ({grid.note})" if grid.note else ""))
-    except (OSError, ValueError) as error:  # GridError is a ValueError
-        reporter.message(f"warning: grids not drawn: {error}")
+    except Exception as error:  # noqa: BLE001 — a view never fails the images' run
+        reporter.warning(f"grids not drawn: {type(error).__name__}: {error}")
     try:
         reporter.message(f"report → {write_report(run_dir)}")
-    except (OSError, ValueError) as error:
-        reporter.message(f"warning: report.html not written: {error}")
+    except Exception as error:  # noqa: BLE001
+        reporter.warning(f"report.html not written: {type(error).__name__}: {error}")
 
 
 def _summary(result: RunResult, planned: int) -> str:

@@ -369,6 +369,32 @@ def test_report_command_rewrites_the_page_and_refuses_a_folder_that_is_no_run(
     assert code == 2 and "nothing-here" in output
 
 
+def test_a_prompt_with_a_line_break_gets_its_grid_and_report(tmp_path: Path) -> None:
+    pasted = '[fire, "a cheery open fire\\nsecond line, photograph", "火 🔥 огонь"]'
+    recipe = write_recipe(
+        tmp_path, RECIPE.replace('[fire, "cheery open fire, photograph"]', pasted)
+    )
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    assert (tmp_path / "out" / "grids" / "strength-x-prompt.png").is_file()
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_a_view_that_fails_warns_and_leaves_the_finished_run_a_success(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(run_dir: Path) -> None:
+        raise RuntimeError("raqm_layout() failed.")
+
+    monkeypatch.setattr("batchgen.runner.make_run_grids", broken)
+    monkeypatch.setattr("batchgen.runner.write_report", broken)
+    code, output = invoke("run", str(recipe))
+    assert code == 0
+    assert "grids not drawn: RuntimeError: raqm_layout() failed." in output
+    assert "report.html not written: RuntimeError" in output
+    assert len(list((recipe.parent / "out" / "images").glob("*.png"))) == 4
+
+
 def test_grid_command_draws_any_grid_after_the_fact(recipe: Path) -> None:
     invoke("run", str(recipe))
     run_dir = recipe.parent / "out"

@@ -243,6 +243,29 @@ def test_a_long_prompt_is_wrapped_and_shrunk_inside_its_row_label(run: Run) -> N
     assert ink(image, (first[0] - 4, first[1], first[0], image.height)) == 0  # none spills
 
 
+PASTED_PROMPTS = (
+    "a cheery open fire\nsecond line, photograph",  # pasted from A1111 with a line break
+    'tabs\tand "quotes" and a control \x07 character',
+    "огонь в камине, φωτιά, 暖炉の火 🔥 " * 8,  # long, non-Latin, an emoji
+)
+
+
+@pytest.mark.parametrize("axis", ["x", "y", "z"])
+def test_labels_take_any_prompt_text(run: Run, axis: str) -> None:
+    run.sweep(prompt=PASTED_PROMPTS, strength=STRENGTHS)
+    others = {"x": "strength", "y": "strength", "z": "strength"}
+    layout = {axis: "prompt", ("y" if axis == "x" else "x"): others[axis]}
+
+    [result] = make_grids(run.dir, [spec(**layout, margin=4)])
+
+    image = picture(result)
+    cells = boxes(result)
+    assert len(cells) == 6
+    assert image.getpixel(centre(cells[0])) == colour(1)
+    assert grid._format(PASTED_PROMPTS[0]) == "a cheery open fire second line, photograph"
+    assert grid._format(PASTED_PROMPTS[1]) == 'tabs and "quotes" and a control □ character'
+
+
 def test_a_prompt_on_x_is_wrapped_in_the_column_label(run: Run) -> None:
     run.sweep(strength=STRENGTHS, prompt=PROMPTS)
 
