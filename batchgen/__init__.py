@@ -15,15 +15,15 @@ def __getattr__(name: str) -> Any:
     """Imported on first use: `batchgen plan` and `validate` start faster without the run
     loop's modules (grids, report, rich) that they never use."""
     if name == "run":
-        from batchgen.runner import run
+        from batchgen.running.runner import run
 
         return run
     if name == "expand":
-        from batchgen.matrix import expand
+        from batchgen.jobs.matrix import expand
 
         return expand
     if name == "load_recipe":
-        from batchgen.recipe import load_recipe
+        from batchgen.recipe.load import load_recipe
 
         return load_recipe
     raise AttributeError(f"module 'batchgen' has no attribute {name!r}")

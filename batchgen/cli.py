@@ -19,20 +19,28 @@ from rich.console import Console
 from rich.table import Table
 
 from batchgen import __version__
-from batchgen.devices import DTYPES, FastPathFailedError, FastPaths, default_dtype, guess_device
-from batchgen.job import Job
-from batchgen.lock_changes import lock_changes
-from batchgen.matrix import DEFAULT_MAX_JOBS, check, upper_bound
-from batchgen.models import hub_cache_dir, list_models
-from batchgen.plan import PlanSummary, Redo, summarize_plan
-from batchgen.problems import Problem, RecipeError
-from batchgen.recipe import Recipe, load_recipe
-from batchgen.recipe_file import AxisName, recipe_json_schema
-from batchgen.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
-from batchgen.shard import Shard, ShardError, parse_shard
-from batchgen.status import NotARunFolderError, run_status
-from batchgen.status import describe as describe_status
-from batchgen.store import PNG_COMPRESS_LEVEL, ManifestError, mask_label, read_lock_file
+from batchgen.engine.devices import (
+    DTYPES,
+    FastPathFailedError,
+    FastPaths,
+    default_dtype,
+    guess_device,
+)
+from batchgen.engine.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
+from batchgen.jobs.job import Job
+from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check, upper_bound
+from batchgen.jobs.plan import PlanSummary, Redo, summarize_plan
+from batchgen.jobs.shard import Shard, ShardError, parse_shard
+from batchgen.models.source import hub_cache_dir, list_models
+from batchgen.recipe.load import Recipe, load_recipe
+from batchgen.recipe.problems import Problem, RecipeError
+from batchgen.recipe.schema import AxisName, recipe_json_schema
+from batchgen.running.recipe_changes import lock_changes
+from batchgen.store.files import PNG_COMPRESS_LEVEL, read_lock_file
+from batchgen.store.images import mask_label
+from batchgen.store.manifest import ManifestError
+from batchgen.views.status import NotARunFolderError, run_status
+from batchgen.views.status import describe as describe_status
 
 EXIT_BAD_INPUT = 2
 
@@ -274,9 +282,9 @@ def run(
         _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, show_all=False)
         click.echo("dry run: nothing was made")
         return
-    from batchgen.runlock import RunLockedError
-    from batchgen.runner import EXIT_LOCKED, BadInputError
-    from batchgen.runner import run as run_recipe
+    from batchgen.running.runner import EXIT_LOCKED, BadInputError
+    from batchgen.running.runner import run as run_recipe
+    from batchgen.store.runlock import RunLockedError
 
     try:
         result = run_recipe(
@@ -579,7 +587,7 @@ def grid(
       batchgen grid outputs/example --x strength --y prompt --show-init
       batchgen grid outputs/sweep --x cfg --y seed --where prompt=fire
     """
-    from batchgen.grid import GridError, make_grids, make_run_grids, spec_from_options  # slow
+    from batchgen.views.grid import GridError, make_grids, make_run_grids, spec_from_options  # slow
 
     if not x and (y or z or where):
         raise click.UsageError("--y, --z and --where need --x")
@@ -610,7 +618,7 @@ def report(run_dir: Path) -> None:
     Example:
       batchgen report outputs/example
     """
-    from batchgen.report import write_report  # with the grid module: slow to import
+    from batchgen.views.report import write_report  # with the grid module: slow to import
 
     try:
         click.echo(write_report(run_dir))
@@ -664,7 +672,12 @@ def _verify(
     min_psnr: float | None,
     diff_dir: Path | None,
 ) -> bool:
-    from batchgen.verify import Tolerance, VerifyError, print_report, verify_run  # numpy: slow
+    from batchgen.views.verify import (  # numpy: slow
+        Tolerance,
+        VerifyError,
+        print_report,
+        verify_run,
+    )
 
     try:
         verification = verify_run(

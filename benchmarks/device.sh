@@ -153,7 +153,7 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, available: {cuda}"
 if cuda:
     props = torch.cuda.get_device_properties(0)
     print(f"GPU {props.name}, {props.total_memory / 2**30:.0f} GiB, capability {props.major}.{props.minor}")
-import batchgen.engine  # noqa: E402,F401
+import batchgen.engine.img2img  # noqa: E402,F401
 import diffusers  # noqa: E402
 import pydantic  # noqa: E402,F401
 from diffusers import StableDiffusionImg2ImgPipeline  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Issue 9's benchmark: one img2img sweep made two ways in one process — a plain per-job
 `StableDiffusionImg2ImgPipeline` loop (what a user writes without batchgen) and
-`batchgen.runner.run` — reporting images/s, their ratio, peak memory, the largest pixel
+`batchgen.running.runner.run` — reporting images/s, their ratio, peak memory, the largest pixel
 difference between the two outputs and the share of wall time inside model forward calls.
 It also times `batchgen plan` on a 10,000-job recipe.
 
@@ -45,17 +45,17 @@ import torch
 import transformers
 import yaml
 
-import batchgen.engine
-from batchgen.devices import NO_FAST_PATHS, FastPaths
-from batchgen.images import prepare
-from batchgen.job import Job
-from batchgen.loading import load_tokenizer
-from batchgen.models import CONFIGS_DIR, resolve_model
-from batchgen.plan import make_plan
-from batchgen.recipe import load_recipe
-from batchgen.runner import BatchSize, run
-from batchgen.schedulers import scheduler_spec
-from batchgen.store import Manifest
+import batchgen.engine.img2img
+from batchgen.engine.devices import NO_FAST_PATHS, FastPaths
+from batchgen.engine.images import prepare
+from batchgen.engine.schedulers import scheduler_spec
+from batchgen.jobs.job import Job
+from batchgen.jobs.plan import make_plan
+from batchgen.models.loading import load_tokenizer
+from batchgen.models.source import CONFIGS_DIR, resolve_model
+from batchgen.recipe.load import load_recipe
+from batchgen.running.runner import BatchSize, run
+from batchgen.store.manifest import Manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIRE_DRAWING = REPO_ROOT / "recipes" / "pictures" / "fire-drawing.png"
@@ -454,7 +454,7 @@ def _synchronize(device: str) -> None:
 # batchgen
 
 
-class TimedEngine(batchgen.engine.Engine):
+class TimedEngine(batchgen.engine.img2img.Engine):
     """batchgen's Engine with forward timers on its components, so that the runner's own
     loading and loop are measured without changing the package."""
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchgen.images import PreparedImage, prepare, read_header
-from batchgen.job import InitImage, Job
-from batchgen.models import ModelSource, resolve_model
+from batchgen.engine.images import PreparedImage, prepare, read_header
+from batchgen.jobs.job import InitImage, Job
+from batchgen.models.source import ModelSource, resolve_model
 
 # Small, and not square, so that a transposition would show.
 DRAWING_WIDTH, DRAWING_HEIGHT = 64, 96
@@ -37,7 +37,7 @@ def tiny() -> ModelSource:
 
 @pytest.fixture(scope="session")
 def engine(tiny: ModelSource):  # type: ignore[no-untyped-def]  # torch loads only when asked
-    from batchgen.engine import Engine
+    from batchgen.engine.img2img import Engine
 
     return Engine(tiny, device="cpu")
 

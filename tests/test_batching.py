@@ -13,24 +13,24 @@ import pytest
 import torch
 from PIL import Image
 
-from batchgen.batching import (
-    MAX_BATCH_SIZE,
-    auto_batch_size,
-    batch_key,
-    cpu_decode_size,
-    make_batches,
-)
-from batchgen.devices import FastPathFailedError
-from batchgen.engine import (
+from batchgen.engine.devices import FastPathFailedError
+from batchgen.engine.images import PreparedImage, prepare, read_header
+from batchgen.engine.img2img import (
     POSTERIOR_CACHE_ENTRIES,
     PROMPT_CACHE_ENTRIES,
     BoundedCache,
     Engine,
     probe_cuda_batch_size,
 )
-from batchgen.images import PreparedImage, prepare, read_header
-from batchgen.job import InitImage, Job
-from batchgen.models import ModelSource
+from batchgen.jobs.batching import (
+    MAX_BATCH_SIZE,
+    auto_batch_size,
+    batch_key,
+    cpu_decode_size,
+    make_batches,
+)
+from batchgen.jobs.job import InitImage, Job
+from batchgen.models.source import ModelSource
 from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,8 +308,8 @@ def test_a_batch_size_probe_that_fails_gives_batches_of_one(
     run goes on with batches of one instead of stopping."""
     from types import SimpleNamespace
 
-    from batchgen import engine as engine_module
-    from batchgen.runner import _auto_size
+    from batchgen.engine import img2img as engine_module
+    from batchgen.running.runner import _auto_size
 
     def broken(*args: object) -> int:
         raise RuntimeError("trial render failed (simulated)")
@@ -335,8 +335,8 @@ def test_a_compile_failure_in_the_batch_size_probe_stops_the_run(
     """The probe's trial render is the first compiled call: every batch would fail alike."""
     from types import SimpleNamespace
 
-    from batchgen import engine as engine_module
-    from batchgen.runner import _auto_size
+    from batchgen.engine import img2img as engine_module
+    from batchgen.running.runner import _auto_size
 
     def cannot_compile(*args: object) -> int:
         raise FastPathFailedError("--fast compile cannot compile the UNet here (simulated)")

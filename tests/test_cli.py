@@ -20,9 +20,9 @@ from PIL import Image
 
 from batchgen import __version__
 from batchgen.cli import main
-from batchgen.images import prepare
-from batchgen.job import InitImage
-from batchgen.runner import BadInputError, run
+from batchgen.engine.images import prepare
+from batchgen.jobs.job import InitImage
+from batchgen.running.runner import BadInputError, run
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = """
@@ -73,7 +73,7 @@ def manifest(run_dir: Path) -> list[dict[str, str]]:
 def fail_batches_with(monkeypatch: pytest.MonkeyPatch, index: int, message: str) -> None:
     """Make rendering fail, as a GPU running out of memory would, for the batch that holds
     job `index` (run with --batch-size 1 to fail that job alone)."""
-    from batchgen.engine import Engine
+    from batchgen.engine.img2img import Engine
 
     real_render_batch = Engine.render_batch
 
@@ -177,7 +177,7 @@ def test_a_failing_batch_fails_each_of_its_jobs(
 def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_the_size_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen.engine import Engine
+    from batchgen.engine.img2img import Engine
 
     recipe = write_recipe(
         tmp_path,
@@ -211,7 +211,7 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_the_size_remembered(
 def test_an_init_image_unreadable_at_run_time_fails_its_jobs_and_the_run_goes_on(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen import runner
+    from batchgen.running import runner
 
     def unreadable(image: InitImage, size: tuple[int, int]) -> None:
         raise OSError(f"cannot read {image.path.name} (simulated)")
@@ -338,7 +338,7 @@ def test_schedulers_and_models_list_what_a_recipe_can_name() -> None:
 
 
 def test_a_model_sweep_loads_each_model_once_as_the_outermost_loop(recipe: Path) -> None:
-    from batchgen.models import resolve_model
+    from batchgen.models.source import resolve_model
 
     other = recipe.parent / "other-model"
     shutil.copytree(resolve_model("builtin:tiny", recipe.parent).path, other)
@@ -386,8 +386,8 @@ def test_a_view_that_fails_warns_and_leaves_the_finished_run_a_success(
     def broken(run_dir: Path) -> None:
         raise RuntimeError("raqm_layout() failed.")
 
-    monkeypatch.setattr("batchgen.runner.make_run_grids", broken)
-    monkeypatch.setattr("batchgen.runner.write_report", broken)
+    monkeypatch.setattr("batchgen.running.runner.make_run_grids", broken)
+    monkeypatch.setattr("batchgen.running.runner.write_report", broken)
     code, output = invoke("run", str(recipe))
     assert code == 0
     assert "grids not drawn: RuntimeError: raqm_layout() failed." in output
@@ -426,7 +426,7 @@ def test_intermediates_save_a_strip_per_job_that_takes_steps(recipe: Path) -> No
 
 
 def test_a_model_sweep_grids_every_job_of_every_model(recipe: Path) -> None:
-    from batchgen.models import resolve_model
+    from batchgen.models.source import resolve_model
 
     other = recipe.parent / "other-model"
     shutil.copytree(resolve_model("builtin:tiny", recipe.parent).path, other)

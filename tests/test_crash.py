@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from batchgen.store import Manifest, ManifestRow
+from batchgen.store.manifest import Manifest, ManifestRow
 from tests.test_cli import gradient
 
 # 2 prompts x 2 strengths x `seeds` seeds; every job takes denoising steps.
@@ -69,9 +69,10 @@ import traceback
 from pathlib import Path
 
 import batchgen.cli
-import batchgen.engine  # torch and diffusers: the slow imports, done once for all children
-import batchgen.runner
-import batchgen.store
+import batchgen.engine.img2img  # torch and diffusers: the slow imports, done once for all children
+import batchgen.running.runner
+import batchgen.store.files
+import batchgen.store.manifest
 
 
 def die():
@@ -127,7 +128,7 @@ def arm(fault):
                 return TornFile(opened, fault)
             return opened
 
-        batchgen.store.open = store_open
+        batchgen.store.files.open = batchgen.store.manifest.open = store_open
     elif fault["kind"] == "before_replace":  # a temp file whole and fsynced, not renamed yet
         real_replace = os.replace
 
@@ -461,7 +462,7 @@ def image_not_renamed(rng: random.Random) -> Kill:
 def image_without_row(rng: random.Random) -> Kill:
     """The image in place, its row not appended: the next run must adopt it."""
     nth = rng.randint(1, 2)
-    fault = {"kind": "before_call", "owner": "batchgen.store:Ledger", "name": "append"}
+    fault = {"kind": "before_call", "owner": "batchgen.store.manifest:Ledger", "name": "append"}
     return Kill(
         f"append {nth} not made",
         fault=fault | {"nth": nth},

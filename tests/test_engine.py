@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from batchgen.devices import FastPaths
-from batchgen.engine import Engine, NonFiniteImageError, resolve_device, resolve_dtype
-from batchgen.images import PreparedImage
-from batchgen.job import Job, StepsMode
-from batchgen.models import ModelSource
-from batchgen.schedulers import scheduler_spec
+from batchgen.engine.devices import FastPaths
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.img2img import Engine, NonFiniteImageError, resolve_device, resolve_dtype
+from batchgen.engine.schedulers import scheduler_spec
+from batchgen.jobs.job import Job, StepsMode
+from batchgen.models.source import ModelSource
 from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
 
 SIZE = (DRAWING_WIDTH, DRAWING_HEIGHT)

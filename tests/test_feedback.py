@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchgen.engine import Engine
-from batchgen.images import PreparedImage
-from batchgen.matrix import expand
-from batchgen.recipe import load_recipe
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.img2img import Engine
+from batchgen.jobs.matrix import expand
+from batchgen.recipe.load import load_recipe
 from tests.test_cli import fail_batches_with, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchgen import grid
-from batchgen.grid import (
+from batchgen.jobs.job import InitImage, Job
+from batchgen.recipe.load import load_recipe
+from batchgen.recipe.problems import RecipeError
+from batchgen.recipe.schema import GridSpec
+from batchgen.store.files import write_lock_file
+from batchgen.store.manifest import Manifest, ManifestRow
+from batchgen.views import grid
+from batchgen.views.grid import (
     BACKGROUND,
     PLACEHOLDER_FILL,
     GridError,
@@ -26,11 +32,6 @@ from batchgen.grid import (
     parse_where,
     spec_from_options,
 )
-from batchgen.job import InitImage, Job
-from batchgen.problems import RecipeError
-from batchgen.recipe import load_recipe
-from batchgen.recipe_file import GridSpec
-from batchgen.store import Manifest, ManifestRow, write_lock_file
 
 DATA = Path(__file__).parent / "data"
 SIZE = 64  # the images' side: the default cell size for them

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batchgen.images import InitImageError, output_size, prepare, read_header
+from batchgen.engine.images import InitImageError, output_size, prepare, read_header
 
 
 def test_exif_orientation_is_applied_to_size_and_pixels(tmp_path: Path) -> None:

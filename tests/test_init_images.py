@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from batchgen import init_images
-from batchgen.images import PreparedImage
-from batchgen.job import InitImage
+from batchgen.engine import init_images
+from batchgen.engine.images import PreparedImage
+from batchgen.jobs.job import InitImage
 from tests.test_cli import gradient, invoke, manifest, write_recipe
 from tests.test_inpainting import init_image
 

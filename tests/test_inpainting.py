@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from batchgen.engine import Engine
-from batchgen.images import PreparedImage, prepare, read_header
-from batchgen.job import InitImage, Job
-from batchgen.masks import latent_mask, redraw_mask
-from batchgen.models import ModelSource, resolve_model
+from batchgen.engine.images import PreparedImage, prepare, read_header
+from batchgen.engine.img2img import Engine
+from batchgen.engine.masks import latent_mask, redraw_mask
+from batchgen.jobs.job import InitImage, Job
+from batchgen.models.source import ModelSource, resolve_model
 from tests.test_cli import invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

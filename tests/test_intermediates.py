@@ -15,9 +15,10 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from PIL import Image
 
-from batchgen.engine import Engine, StepState, predicted_original_sample
-from batchgen.images import PreparedImage
-from batchgen.intermediates import (
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.img2img import Engine, StepState, predicted_original_sample
+from batchgen.jobs.job import Job
+from batchgen.views.intermediates import (
     GAP,
     LABEL_HEIGHT,
     NOTE_HEIGHT,
@@ -29,7 +30,6 @@ from batchgen.intermediates import (
     fit_projection,
     write_strip,
 )
-from batchgen.job import Job
 from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
 
 WIDTH, HEIGHT = DRAWING_WIDTH, DRAWING_HEIGHT  # latents 8 × 12

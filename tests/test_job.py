@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from batchgen.job import InitImage, Job
+from batchgen.jobs.job import InitImage, Job
 
 # Spelled out here rather than shared with other tests' jobs: the pinned ids below must not
 # move when another test edits its job.

@@ -20,8 +20,8 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from batchgen.loading import CheckpointError, Components, load_components, load_tokenizer
-from batchgen.models import (
+from batchgen.models.loading import CheckpointError, Components, load_components, load_tokenizer
+from batchgen.models.source import (
     BUILTIN_DIR,
     CONFIGS_DIR,
     SHIPPED_CONFIGS,
@@ -343,7 +343,7 @@ def test_an_sd2_checkpoint_loads_as_768_v_with_a_warning_unless_config_says(
 ) -> None:
     """SD 2.x base and 768-v checkpoints have the same tensor shapes: batchgen says which it
     assumed, and `config:` chooses."""
-    from batchgen.recipe import load_recipe
+    from batchgen.recipe.load import load_recipe
     from tests.test_cli import gradient
 
     sd2_checkpoint(tmp_path / "sd21.safetensors")
@@ -364,8 +364,8 @@ def test_an_sd2_checkpoint_loads_as_768_v_with_a_warning_unless_config_says(
 
 
 def test_an_unknown_config_is_reported_at_config(tmp_path: Path) -> None:
-    from batchgen.problems import RecipeError
-    from batchgen.recipe import load_recipe
+    from batchgen.recipe.load import load_recipe
+    from batchgen.recipe.problems import RecipeError
     from tests.test_cli import gradient
 
     sd2_checkpoint(tmp_path / "sd21.safetensors")
@@ -429,7 +429,7 @@ def test_a_vae_override_is_named_in_the_pngs_a1111_parameters(
     """A1111's "VAE hash" (the file's sha256, 10 digits) and "VAE" (its file name), after
     the model's keys, so that A1111 and its readers know which VAE made the image."""
     import batchgen
-    from batchgen.store import Manifest
+    from batchgen.store.manifest import Manifest
     from tests.test_cli import gradient
 
     path = write_vae_file(tmp_path / "kl-f8.safetensors")
@@ -535,7 +535,7 @@ def test_a_recipe_on_the_single_file_makes_the_folder_model_s_pixels(
     tiny_export: Path, tmp_path: Path, no_network: None
 ) -> None:
     import batchgen
-    from batchgen.store import Manifest
+    from batchgen.store.manifest import Manifest
     from tests.test_cli import gradient
 
     (tmp_path / "pictures").mkdir()
@@ -564,8 +564,8 @@ def test_vae_override_is_in_the_job_id_and_a_missing_variant_is_bad_input(
     from click.testing import CliRunner
 
     from batchgen.cli import main
-    from batchgen.matrix import expand
-    from batchgen.recipe import load_recipe
+    from batchgen.jobs.matrix import expand
+    from batchgen.recipe.load import load_recipe
     from tests.test_cli import gradient
 
     (tmp_path / "pictures").mkdir()

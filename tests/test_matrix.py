@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.matrix import check, expand
-from batchgen.recipe import load_recipe
+from batchgen.jobs.matrix import check, expand
+from batchgen.recipe.load import load_recipe
 from tests.test_recipe import write
 
 BASE = """
@@ -75,7 +75,7 @@ def test_any_pixel_determining_change_gives_new_ids(tmp_path: Path, change: str)
     if "tiny-copy" in change:
         import shutil
 
-        from batchgen.models import resolve_model
+        from batchgen.models.source import resolve_model
 
         shutil.copytree(resolve_model("builtin:tiny", tmp_path).path, tmp_path / "tiny-copy")
         (tmp_path / "sub").mkdir()

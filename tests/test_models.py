@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.models import BUILTIN_DIR, ModelNotFoundError, resolve_model
+from batchgen.models.source import BUILTIN_DIR, ModelNotFoundError, resolve_model
 
 TINY_DIR = BUILTIN_DIR / "tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -170,7 +170,7 @@ def test_importing_models_does_not_import_torch() -> None:
 def test_weights_are_hashed_once_until_they_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen import hashcache
+    from batchgen.models import hashcache
 
     monkeypatch.setenv("BATCHGEN_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "model"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from batchgen import plan as plan_module
 from batchgen.cli import _PLAN_COLUMNS
-from batchgen.job import Job
-from batchgen.plan import make_plan, summarize_plan
-from batchgen.recipe import load_recipe
-from batchgen.store import Manifest
+from batchgen.jobs import plan as plan_module
+from batchgen.jobs.job import Job
+from batchgen.jobs.plan import make_plan, summarize_plan
+from batchgen.recipe.load import load_recipe
+from batchgen.store.manifest import Manifest
 from tests.test_cli import invoke, write_recipe
 from tests.test_resume import RECIPE  # four jobs, each with denoising steps
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.matrix import check
-from batchgen.problems import RecipeError
-from batchgen.recipe import load_recipe
-from batchgen.recipe_file import recipe_json_schema
+from batchgen.jobs.matrix import check
+from batchgen.recipe.load import load_recipe
+from batchgen.recipe.problems import RecipeError
+from batchgen.recipe.schema import recipe_json_schema
 
 DATA = Path(__file__).parent / "data"
 BAD_RECIPES = sorted((DATA / "bad_recipes").glob("*.yaml"))

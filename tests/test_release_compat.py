@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchgen.runner import run
-from batchgen.store import Manifest
-from batchgen.verify import Tolerance, verify_run
+from batchgen.running.runner import run
+from batchgen.store.manifest import Manifest
+from batchgen.views.verify import Tolerance, verify_run
 
 RELEASE = Path(__file__).parent / "data" / "run-0.3"
 

@@ -22,15 +22,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from batchgen import __version__
-from batchgen.job import Job
-from batchgen.report import REPORT_NAME, write_report
-from batchgen.store import (
-    Manifest,
-    ManifestRow,
-    a1111_parameters,
-    write_image,
-    write_lock_file,
-)
+from batchgen.jobs.job import Job
+from batchgen.store.files import write_lock_file
+from batchgen.store.images import a1111_parameters, write_image
+from batchgen.store.manifest import Manifest, ManifestRow
+from batchgen.views.report import REPORT_NAME, write_report
 from tests.test_store import INIT, JOB, gradient, make_job, make_row
 
 PROMPTS = ("fire", "cheery open fire, photograph")

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from batchgen.runlock import RunLock
-from batchgen.store import LOCK_FILE_NAME, Manifest
+from batchgen.store.files import LOCK_FILE_NAME
+from batchgen.store.manifest import Manifest
+from batchgen.store.runlock import RunLock
 from tests.test_cli import fail_batches_with, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -219,7 +220,7 @@ def test_the_lock_of_a_killed_run_is_taken_over(recipe: Path) -> None:
 def test_a_full_disk_stops_the_run_with_a_valid_manifest_and_a_rerun_finishes(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import batchgen.store as store
+    import batchgen.store.files as store
 
     real_write = store.write_file_atomically
     calls = []

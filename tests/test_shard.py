@@ -14,13 +14,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from batchgen.batching import make_batches
 from batchgen.cli import main
-from batchgen.devices import slurm_cpu_threads
-from batchgen.matrix import expand
-from batchgen.recipe import load_recipe
-from batchgen.runner import BadInputError, RunResult, run
-from batchgen.shard import (
+from batchgen.engine.devices import slurm_cpu_threads
+from batchgen.jobs.batching import make_batches
+from batchgen.jobs.matrix import expand
+from batchgen.jobs.shard import (
     Shard,
     ShardError,
     assign,
@@ -29,7 +27,9 @@ from batchgen.shard import (
     parse_shard,
     shard_from_environment,
 )
-from batchgen.store import Manifest
+from batchgen.recipe.load import load_recipe
+from batchgen.running.runner import BadInputError, RunResult, run
+from batchgen.store.manifest import Manifest
 from tests.test_cli import RECIPE, gradient, invoke
 
 SWEEP = """

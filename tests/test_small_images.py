@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchgen.images import upscaled_size
+from batchgen.engine.images import upscaled_size
 from tests.test_cli import invoke, manifest, write_recipe
 
 RECIPE = """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.runlock import RunLock
+from batchgen.store.runlock import RunLock
 from tests.test_cli import fail_batches_with, imports_torch, invoke
 from tests.test_resume import done, recipe  # noqa: F401 — fixtures
 

@@ -18,20 +18,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from batchgen import __version__, store
-from batchgen.job import InitImage, Job
-from batchgen.store import (
+from batchgen import __version__
+from batchgen.jobs.job import InitImage, Job
+from batchgen.store.files import RunLog, write_lock_file, write_png_atomically
+from batchgen.store.images import a1111_parameters, image_filename, job_record, write_image
+from batchgen.store.manifest import (
+    ADDED_COLUMNS,
     MANIFEST_COLUMNS,
     Manifest,
     ManifestError,
     ManifestRow,
-    RunLog,
-    a1111_parameters,
-    image_filename,
-    job_record,
-    write_image,
-    write_lock_file,
-    write_png_atomically,
 )
 
 INIT = InitImage(
@@ -220,7 +216,7 @@ def test_failed_image_write_leaves_neither_temp_nor_final_file(
     def disk_full(source: object, target: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.os, "replace", disk_full)
+    monkeypatch.setattr(os, "replace", disk_full)
     path = tmp_path / "images" / "0003-a.png"
 
     with pytest.raises(OSError, match="No space left"):
@@ -301,7 +297,7 @@ def test_every_manifest_append_is_fsynced(tmp_path: Path, monkeypatch: pytest.Mo
         synced.append(descriptor)
         real_fsync(descriptor)
 
-    monkeypatch.setattr(store.os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     manifest = Manifest(tmp_path)
 
     manifest.append(make_row())
@@ -350,7 +346,7 @@ def test_manifest_survives_torn_last_line(tmp_path: Path) -> None:
 def test_append_after_a_torn_line_keeps_every_row_readable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store.os, "fsync", lambda fd: None)  # hundreds of appends, kept fast
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # hundreds of appends, kept fast
     first = make_row(make_job(seed=1))
     torn = make_row(make_job(seed=3, prompt='cheery "open" fire, photograph — «é»\r\nat night'))
     after = make_row(make_job(seed=4, prompt="fire, again"))
@@ -398,7 +394,7 @@ def test_an_older_versions_manifest_is_read_and_upgraded_once_before_appending(
     manifest.append(old_row)
     # batchgen 0.1's manifest: none of the columns added since.
     header, *records = list(csv.reader(io.StringIO(manifest.path.read_text(encoding="utf-8"))))
-    kept = [k for k, column in enumerate(header) if column not in store.ADDED_COLUMNS]
+    kept = [k for k, column in enumerate(header) if column not in ADDED_COLUMNS]
     with manifest.path.open("w", newline="", encoding="utf-8") as file:
         csv.writer(file, lineterminator="\r\n").writerows(
             [[line[k] for k in kept] for line in (header, *records)]

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from batchgen.engine import Engine
-from batchgen.images import PreparedImage, prepare, read_header
-from batchgen.job import InitImage, Job
-from batchgen.models import ModelSource
+from batchgen.engine.images import PreparedImage, prepare, read_header
+from batchgen.engine.img2img import Engine
+from batchgen.jobs.job import InitImage, Job
+from batchgen.models.source import ModelSource
 
 FIRE_DRAWING = Path(__file__).resolve().parent.parent / "recipes" / "pictures" / "fire-drawing.png"
 SIZE = (128, 128)  # width, height of the strength tests

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from batchgen.engine import Engine
-from batchgen.images import PreparedImage
-from batchgen.job import Job
-from batchgen.matrix import expand, variation_seed
-from batchgen.recipe import load_recipe
-from batchgen.variations import slerp
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.img2img import Engine
+from batchgen.engine.variations import slerp
+from batchgen.jobs.job import Job
+from batchgen.jobs.matrix import expand, variation_seed
+from batchgen.recipe.load import load_recipe
 from tests.test_batching import BATCH_TOLERANCE_LEVELS, max_level_difference
 from tests.test_cli import invoke, manifest, write_recipe
 

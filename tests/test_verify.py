@@ -17,16 +17,11 @@ from PIL import Image
 
 from batchgen import __version__
 from batchgen.cli import main
-from batchgen.job import InitImage, Job
-from batchgen.store import (
-    IMAGES_DIR,
-    Manifest,
-    ManifestRow,
-    a1111_parameters,
-    image_filename,
-    write_image,
-)
-from batchgen.verify import Tolerance, verify_run
+from batchgen.jobs.job import InitImage, Job
+from batchgen.store.files import IMAGES_DIR
+from batchgen.store.images import a1111_parameters, image_filename, write_image
+from batchgen.store.manifest import Manifest, ManifestRow
+from batchgen.views.verify import Tolerance, verify_run
 from tests.test_cli import imports_torch
 
 ROOT = Path(__file__).resolve().parent.parent

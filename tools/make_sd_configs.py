@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditi
 from make_tiny_model import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
 from transformers import CLIPTextConfig
 
-from batchgen.models import CLIP_BPE_DIR
+from batchgen.models.source import CLIP_BPE_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "batchgen" / "builtin" / "configs"

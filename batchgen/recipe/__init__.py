@@ -1,0 +1,1 @@
+"""A recipe file becomes a `Recipe`: its schema, loading and resolving, and the problems found."""

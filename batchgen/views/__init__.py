@@ -1,0 +1,1 @@
+"""What a run folder shows: grids, report.html, intermediate strips, verify, status."""
