@@ -51,7 +51,7 @@ from batchgen.engine.images import prepare
 from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import Job
 from batchgen.jobs.plan import make_plan
-from batchgen.models.loading import load_tokenizer
+from batchgen.engine.families.sd_loading import load_tokenizer
 from batchgen.models.source import CONFIGS_DIR, resolve_model
 from batchgen.recipe.load import load_recipe
 from batchgen.running.runner import BatchSize, run

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from batchgen.engine.devices import FastPaths
+from batchgen.engine.devices import FastPaths, resolve_device, resolve_dtype
 from batchgen.engine.images import PreparedImage
-from batchgen.engine.img2img import Engine, NonFiniteImageError, resolve_device, resolve_dtype
+from batchgen.engine.img2img import Engine, NonFiniteImageError
 from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import Job, StepsMode
 from batchgen.models.source import ModelSource
@@ -37,13 +37,13 @@ def pipeline(tiny: ModelSource) -> Any:  # diffusers' pipelines are untyped attr
 def unet_calls(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts UNet forward passes (a classifier-free-guidance pair is one batched pass)."""
     calls: list[int] = []
-    forward = engine.unet.forward
+    forward = engine.family.unet.forward
 
     def counting_forward(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.unet, "forward", counting_forward)
+    monkeypatch.setattr(engine.family.unet, "forward", counting_forward)
     return calls
 
 
@@ -264,7 +264,7 @@ def test_nan_pixels_from_the_vae_are_an_error_not_a_black_image(
         height, width = (side * 8 for side in latents.shape[-2:])
         return (torch.full((len(latents), 3, height, width), float("nan")),)
 
-    monkeypatch.setattr(engine.vae, "decode", overflowing)
+    monkeypatch.setattr(engine.family.vae, "decode", overflowing)
     with pytest.raises(NonFiniteImageError, match="run with --dtype float32 or bfloat16"):
         engine.render(job, init)
 
@@ -280,7 +280,8 @@ def test_different_seeds_give_different_images(
 
 def test_engine_records_what_it_loaded(engine: Engine) -> None:
     assert (engine.device, engine.dtype) == ("cpu", "float32")
-    assert engine.unet.dtype == engine.text_encoder.dtype == engine.vae.dtype == torch.float32
+    family = engine.family
+    assert family.unet.dtype == family.text_encoder.dtype == family.vae.dtype == torch.float32
     assert 0 < engine.load_seconds < 60
 
 

@@ -191,7 +191,7 @@ def test_an_inpainting_unet_is_given_the_mask_and_the_kept_image(
 ) -> None:
     engine = Engine(inpainting_model, device="cpu")
     seen: list[torch.Tensor] = []
-    engine.unet.conv_in.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0]))
+    engine.family.unet.conv_in.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0]))
     path = holed_picture(tmp_path / "hole.png", HIDDEN_BLUE)
     original = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
     holed = on(job, path, model=inpainting_model.identity, mask_blur=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,19 +14,19 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from PIL import Image
 
+from batchgen.engine.denoise import StepState, get_timesteps, predicted_original_sample
+from batchgen.engine.families.sd import LATENT_RGB_FACTORS
 from batchgen.engine.images import PreparedImage
-from batchgen.engine.img2img import Engine, StepState, predicted_original_sample
+from batchgen.engine.img2img import Engine
 from batchgen.jobs.job import Job
 from batchgen.views.intermediates import (
     GAP,
     LABEL_HEIGHT,
     NOTE_HEIGHT,
-    SD1_PROJECTION,
     STRIP_TEXT_KEY,
     Frame,
     IntermediatesRecorder,
     approximate_rgb,
-    fit_projection,
     write_strip,
 )
 from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
@@ -47,7 +46,7 @@ def test_the_hook_sees_the_noised_init_then_every_step_with_its_timestep(
 ) -> None:
     states = render_with_states(engine, job, init)
 
-    timesteps = engine.get_timesteps(engine.make_scheduler("k_lms"), 10, 0.7).tolist()
+    timesteps = get_timesteps(engine.make_scheduler("k_lms"), 10, 0.7, "cpu").tolist()
     assert len(timesteps) == job.steps_taken == 7
     assert [state.index for state in states] == list(range(8))
     assert [state.timestep for state in states] == [timesteps[0], *timesteps]
@@ -91,7 +90,7 @@ def test_strength_zero_takes_no_step_and_calls_the_hook_never(
 
 def test_computed_x0_is_what_ddim_predicts(engine: Engine) -> None:
     # Unclipped: DDIM's default clips x0 to [-1, 1] under a config that doesn't say (tiny's).
-    scheduler = DDIMScheduler.from_config(engine.scheduler_config, clip_sample=False)
+    scheduler = DDIMScheduler.from_config(engine.family.scheduler_config, clip_sample=False)
     scheduler.set_timesteps(10)
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 12, 8, generator=generator)
@@ -106,14 +105,14 @@ def test_computed_x0_is_what_ddim_predicts(engine: Engine) -> None:
     torch.testing.assert_close(computed, ddim_output.pred_original_sample)
 
 
-def test_approximate_frames_are_the_linear_projection_at_latent_size() -> None:
+def test_approximate_frames_are_the_linear_projection_at_latent_size(engine: Engine) -> None:
     latents = torch.zeros(1, 4, 12, 8)
     latents[0, 3] = -1.0  # SD 1.x's fourth channel is blue's opposite
 
-    frame = approximate_rgb(latents)
+    frame = approximate_rgb(latents, engine.family.latent_format)
 
     assert frame.size == (8, 12)
-    expected = np.round((np.clip(-SD1_PROJECTION.matrix[3] / 2 + 0.5, 0, 1)) * 255)
+    expected = np.round((np.clip(-np.array(LATENT_RGB_FACTORS[3]) / 2 + 0.5, 0, 1)) * 255)
     assert np.array_equal(np.asarray(frame)[5, 3], expected.astype(np.uint8))
     assert np.asarray(frame)[5, 3, 2] > np.asarray(frame)[5, 3, 0]  # bluish
 
@@ -162,31 +161,3 @@ def test_a_strip_without_frames_or_an_unknown_mode_is_an_error(
         write_strip([], tmp_path / "strip.png", job_id="abc", note="exact (VAE decode)")
     with pytest.raises(ValueError, match="unknown intermediates mode `fast`"):
         IntermediatesRecorder(engine, mode="fast")  # type: ignore[arg-type]
-
-
-# A VAE whose encoder is linear: latents = box-filtered RGB · LINEAR_ENCODER, 3 → 4 channels.
-LINEAR_ENCODER = np.array([[0.5, -0.2, 0.1, 0.3], [0.1, 0.4, -0.3, 0.2], [-0.2, 0.1, 0.6, -0.4]])
-
-
-def linear_vae_engine() -> SimpleNamespace:
-    """Stands in for an Engine: the two attributes `fit_projection` uses."""
-
-    def encode_init_image(init: PreparedImage) -> SimpleNamespace:
-        small = init.rgb.resize((init.rgb.width // 8, init.rgb.height // 8), Image.Resampling.BOX)
-        colours = np.asarray(small, dtype=np.float64) / 127.5 - 1
-        return SimpleNamespace(
-            mean=torch.from_numpy(colours @ LINEAR_ENCODER).permute(2, 0, 1)[None]
-        )
-
-    config = SimpleNamespace(scaling_factor=1.0)
-    return SimpleNamespace(vae=SimpleNamespace(config=config), encode_init_image=encode_init_image)
-
-
-def test_fit_projection_recovers_a_linear_vae(init: PreparedImage) -> None:
-    projection = fit_projection(linear_vae_engine(), [init.rgb])  # type: ignore[arg-type]
-
-    assert projection.r_squared is not None and projection.r_squared > 0.999
-    colour = np.array([0.2, -0.5, 0.3])
-    latents = torch.from_numpy(colour @ LINEAR_ENCODER)[None, :, None, None]
-    pixel = np.asarray(approximate_rgb(latents, projection))[0, 0].astype(int)
-    assert np.abs(pixel - np.round((colour / 2 + 0.5) * 255)).max() <= 1

@@ -20,7 +20,12 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from batchgen.models.loading import CheckpointError, Components, load_components, load_tokenizer
+from batchgen.engine.families.sd_loading import (
+    CheckpointError,
+    Components,
+    load_components,
+    load_tokenizer,
+)
 from batchgen.models.source import (
     BUILTIN_DIR,
     CONFIGS_DIR,
@@ -386,7 +391,6 @@ def test_an_unknown_config_is_reported_at_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("checkpoint_shapes", "message"),
     [
-        ({"conditioner.embedders.0.x": (1,), **shapes(2048)}, "SDXL"),
         ({"encoder.conv_in.weight": (128, 3, 3, 3)}, "no Stable Diffusion UNet"),
         (
             {**shapes(768), "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},

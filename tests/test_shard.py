@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from batchgen.cli import main
-from batchgen.engine.devices import slurm_cpu_threads
+from batchgen.engine.devices import launcher_device, slurm_cpu_threads
 from batchgen.jobs.batching import make_batches
 from batchgen.jobs.matrix import expand
 from batchgen.jobs.shard import (
@@ -23,7 +23,6 @@ from batchgen.jobs.shard import (
     ShardError,
     assign,
     cost,
-    launcher_device,
     parse_shard,
     shard_from_environment,
 )

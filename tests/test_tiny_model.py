@@ -86,7 +86,7 @@ def psnr(first: np.ndarray, second: np.ndarray) -> float:
 def test_the_vae_round_trips_a_drawing(engine: Engine) -> None:
     init = prepare(FIRE_DRAWING, (256, 256))
 
-    latents = engine.encode_init_image(init).mode() * engine.vae.config.scaling_factor
+    latents = engine.encode_init_image(init).mode() * engine.family.vae.config.scaling_factor
     round_trip = engine.decode(latents)
 
     # Measured: 19.8 dB on the fire drawing (never trained on); the 8x8 block averages the

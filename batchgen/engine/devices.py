@@ -1,7 +1,9 @@
-"""Device and dtype names, torch-free: what `plan` assumes, what the engine then confirms.
+"""Which device and dtype a process renders on, decided here only.
 
-`plan` must answer without importing torch, so for `--device auto` it guesses CUDA from the
-driver's files; `run` resolves the device with torch itself (engine.resolve_device).
+`plan` answers without importing torch, so for `--device auto` it guesses CUDA from the
+driver's files (`guess_device`); `run` resolves the device with torch itself
+(`resolve_device`, which imports torch when called), giving each process of a multi-process
+launcher its own GPU. Importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,68 @@ def slurm_cpu_threads(env: Mapping[str, str] = os.environ) -> int | None:
     if env.get("OMP_NUM_THREADS") or not cpus.isdigit() or int(cpus) < 1:
         return None
     return int(cpus)
+
+
+def resolve_device(device: str, env: Mapping[str, str] = os.environ) -> str:
+    """`auto` is CUDA if torch sees a GPU, else Apple's MPS, else the CPU; a device named
+    explicitly must be usable here, or this raises a ValueError that says what to use. Under
+    a multi-process launcher (LOCAL_RANK) `cuda` is the process's own GPU, `cuda:LOCAL_RANK`."""
+    return launcher_device(_resolved_with_torch(device), env)
+
+
+def launcher_device(resolved: str, env: Mapping[str, str]) -> str:
+    local_rank = env.get("LOCAL_RANK")
+    if resolved == "cuda" and local_rank is not None:
+        return f"cuda:{local_rank}"
+    return resolved
+
+
+def _resolved_with_torch(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                "device `mps` is not available: this machine or torch build has no Apple GPU "
+                "support; use `--device cpu`"
+            )
+        return device
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise ValueError(f"unknown device `{device}`; use auto, cpu, cuda, cuda:N or mps")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise ValueError(
+            f"device `{device}` is not available: torch {torch.__version__} sees no CUDA GPU "
+            f"(CUDA build: {torch.version.cuda or 'none'}); use `--device cpu`"
+        )
+    if colon and int(index) >= gpus:
+        raise ValueError(
+            f"device `{device}` is not available: torch sees {gpus} CUDA GPU(s), "
+            f"cuda:0 to cuda:{gpus - 1}"
+        )
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto` is float16 on CUDA and float32 on the CPU and MPS (see default_dtype)."""
+    resolved = default_dtype(dtype, device)
+    if resolved not in DTYPES:
+        raise ValueError(f"unknown dtype `{dtype}`; use auto, {', '.join(DTYPES)}")
+    return resolved
+
+
+def use_cpu_threads(count: int) -> None:
+    """The threads torch renders with on the CPU, for this process."""
+    import torch
+
+    torch.set_num_threads(count)
 
 
 @dataclass(frozen=True)

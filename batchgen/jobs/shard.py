@@ -84,15 +84,6 @@ def _slurm_array_shard(env: Mapping[str, str]) -> Shard | None:
     )
 
 
-def launcher_device(resolved: str, env: Mapping[str, str] = os.environ) -> str:
-    """Under a multi-process launcher each process takes its own GPU: `cuda` becomes
-    `cuda:LOCAL_RANK`. A device named with its index is left as it is."""
-    local_rank = env.get("LOCAL_RANK")
-    if resolved == "cuda" and local_rank is not None:
-        return f"cuda:{local_rank}"
-    return resolved
-
-
 def cost(job: Job) -> int:
     return max(job.steps_taken, 1) * job.width * job.height
 

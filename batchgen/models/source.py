@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import batchgen
+from batchgen.models.families import (
+    PIPELINE_INDEX,
+    family_of_checkpoint,
+    family_of_folder,
+)
 from batchgen.models.hashcache import file_sha256s, folder_sha256
 
 # Set before huggingface_hub is imported (it reads this once): a model missing from the cache
@@ -41,7 +46,6 @@ BUILTIN_PREFIX = "builtin:"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # The hub's repo id rule: owner/name, letters, digits, "-", "_" and ".".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,10 @@ class ModelSource:
     name: str  # display name, AUTOMATIC1111's "Model:" field
     short_hash: str  # AUTOMATIC1111's "Model hash": 10 hex digits
     # single_file only: the diffusers folder whose configs describe the checkpoint. None for a
-    # `.ckpt`, whose tensor shapes only torch can read: loading.py detects it at load time.
+    # `.ckpt`, whose tensor shapes only torch can read: detected when it loads
+    # (engine/families/sd_loading.py).
     config: Path | None = None
+    family: str = "sd"  # its row of models.families.FAMILIES
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,6 +137,7 @@ def _resolve_builtin(reference: str) -> ModelSource:
         identity=f"{BUILTIN_PREFIX}{name}@{digest[:16]}",
         name=name,
         short_hash=digest[:10],
+        family=family_of_folder(path).name,
     )
 
 
@@ -147,26 +154,30 @@ def _resolve_folder(reference: str, folder: Path) -> ModelSource:
             hint="point `model:` at the folder that holds model_index.json "
             "(what `save_pretrained` or `hf download` writes)",
         )
+    family = family_of_folder(folder).name  # before hashing gigabytes of a model it refuses
     digest = folder_sha256(folder)  # the weights, not the path: a moved copy is the same model
     return ModelSource(
-        reference, "folder", folder, f"folder:{digest[:16]}", folder.name, digest[:10]
+        reference, "folder", folder, f"folder:{digest[:16]}", folder.name, digest[:10], None, family
     )
 
 
 def _resolve_single_file(reference: str, base_dir: Path, config: str | None) -> ModelSource:
     path = _existing_file(reference, base_dir)
+    shapes = safetensors_shapes(path) if path.suffix.lower() == ".safetensors" else None
+    # A .ckpt's tensor names only torch can read: SD's, unless `config:` says otherwise.
+    family = family_of_checkpoint(shapes, path).name if shapes is not None else "sd"
     digest = file_sha256s([path])[path]  # the full content hash, cached by path+mtime+size
     identity = f"file:{digest[:16]}"
+    config_folder: Path | None = None
     if config is not None:
         config_folder = _config_folder(config, base_dir)
+        family = family_of_folder(config_folder).name
         identity += f"+config:{folder_sha256(config_folder)[:16]}"
-    elif path.suffix.lower() == ".safetensors":
-        config_folder = detect_config(safetensors_shapes(path), path)
-    else:
-        config_folder = None
+    elif shapes is not None:
+        config_folder = detect_config(shapes, path)
     # A1111's "Model hash" is the first 10 hex digits of the file's sha256.
     return ModelSource(
-        reference, "single_file", path, identity, path.stem, digest[:10], config_folder
+        reference, "single_file", path, identity, path.stem, digest[:10], config_folder, family
     )
 
 
@@ -260,11 +271,6 @@ def detect_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
     output channels) and same cross-attention width (the text encoder's: 768 for SD 1.x's CLIP
     ViT-L, 1024 for SD 2.x's OpenCLIP ViT-H). Builtin models are candidates too, so the tiny
     model exported as one file loads with its own configs."""
-    if any(key.startswith("conditioner.") for key in shapes):
-        raise ModelNotFoundError(
-            f"{path} is an SDXL checkpoint; single files can be SD 1.x or 2.x only",
-            hint="convert it to a diffusers folder and point `model:` at that folder",
-        )
     conv_in = shapes.get(UNET_CONV_IN)
     if conv_in is None or len(conv_in) != 4:
         raise ModelNotFoundError(
@@ -335,7 +341,8 @@ def _resolve_hub(repo_id: str, not_a_folder: Path) -> ModelSource:
     # to hash gigabytes. The short hash is of that identity.
     identity = f"hub:{repo_id}@{snapshot.name}"
     short_hash = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:10]
-    return ModelSource(repo_id, "hub", snapshot, identity, repo_id, short_hash)
+    family = family_of_folder(snapshot).name
+    return ModelSource(repo_id, "hub", snapshot, identity, repo_id, short_hash, None, family)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from batchgen import __version__
 from batchgen.engine.images import InitImageError, read_header
 from batchgen.engine.schedulers import UnknownSchedulerError, scheduler_spec
 from batchgen.jobs.job import InitImage, Job, StepsMode
+from batchgen.models.families import UnsupportedFamilyError
 from batchgen.models.source import (
     CONFIGS_DIR,
     ConfigNotFoundError,
@@ -278,7 +279,7 @@ class _Resolver:
             self.single_files += 1
             self.fail(("config",), str(error), error.hint)
             return None
-        except ModelNotFoundError as error:
+        except (ModelNotFoundError, UnsupportedFamilyError) as error:
             self.fail(where, str(error), error.hint)
             return None
         self.single_files += source.kind == "single_file"

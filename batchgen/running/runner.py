@@ -21,14 +21,22 @@ from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
 
-from batchgen.engine.devices import NO_FAST_PATHS, FastPathFailedError, FastPaths, slurm_cpu_threads
+from batchgen.engine.devices import (
+    NO_FAST_PATHS,
+    FastPathFailedError,
+    FastPaths,
+    resolve_device,
+    resolve_dtype,
+    slurm_cpu_threads,
+    use_cpu_threads,
+)
 from batchgen.engine.images import SMALL_IMAGE_SIDE, PreparedImage
 from batchgen.engine.init_images import InitImagePrefetcher, prepared
 from batchgen.jobs.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check
 from batchgen.jobs.plan import Plan, PlannedJob, Redo, make_plan
-from batchgen.jobs.shard import Shard, ShardError, launcher_device, shard_from_environment
+from batchgen.jobs.shard import Shard, ShardError, shard_from_environment
 from batchgen.models.source import ModelSource
 from batchgen.recipe.load import Recipe, load_recipe
 from batchgen.recipe.problems import RecipeError
@@ -348,13 +356,13 @@ def run(
     from batchgen.engine import img2img as engine_module  # torch loads here, after validation
 
     try:
-        device = launcher_device(engine_module.resolve_device(device))
-        dtype = engine_module.resolve_dtype(dtype or recipe.dtype, device)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype or recipe.dtype, device)
     except ValueError as error:
         raise BadInputError(str(error)) from None
     threads = slurm_cpu_threads() if device == "cpu" else None
     if threads:
-        engine_module.use_cpu_threads(threads)
+        use_cpu_threads(threads)
     if shard and recipe.variation_mode == "feedback" and any(recipe.axes["variation_count"]):
         raise BadInputError(
             "feedback chains cannot be sharded: each image is the next one's init image, "

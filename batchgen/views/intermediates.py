@@ -10,7 +10,7 @@ out. No torch import here: tensors arrive from the engine and leave as numpy arr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -19,85 +19,31 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from batchgen.engine.images import PreparedImage
 from batchgen.store.files import write_png_atomically
 
 if TYPE_CHECKING:
     import torch
 
-    from batchgen.engine.img2img import Engine, StepState
+    from batchgen.engine.denoise import StepState
+    from batchgen.engine.families.base import LatentFormat
+    from batchgen.engine.img2img import Engine
 
 Mode = Literal["approximate", "exact"]
 MODES: tuple[Mode, ...] = ("approximate", "exact")
 STRIP_TEXT_KEY = "batchgen-intermediates"  # the PNG text chunk: job id, note, frames
 
 
-@dataclass(frozen=True, eq=False)
-class LatentProjection:
-    """RGB ≈ latents · matrix + bias for each latent pixel, in the VAE's [-1, 1] colour range;
-    latents as the UNet sees them (times the VAE's scaling factor)."""
-
-    name: str  # what the strip's note says made the colours
-    matrix: np.ndarray  # latent channels × 3
-    bias: np.ndarray  # 3
-    r_squared: float | None = None  # a fitted one's share of its images' colour variance
-
-
-# SD 1.x/2.x share one VAE latent space. These factors are the ones InvokeAI (the seed doc's
-# project) uses for its previews, credited to @keturn and @torridgristle.
-SD1_PROJECTION = LatentProjection(
-    name="SD 1.x factors",
-    matrix=np.array(
-        [
-            # R       G        B
-            [0.3444, 0.1385, 0.0670],
-            [0.1247, 0.4027, 0.1494],
-            [-0.3192, 0.2513, 0.2103],
-            [-0.1307, -0.1874, -0.7445],
-        ]
-    ),
-    bias=np.zeros(3),
-)
-
-
-def approximate_rgb(
-    latents: torch.Tensor, projection: LatentProjection = SD1_PROJECTION
-) -> Image.Image:
-    """The first latents of a batch as RGB, one pixel per latent pixel, without the VAE."""
+def approximate_rgb(latents: torch.Tensor, latent_format: LatentFormat) -> Image.Image:
+    """The first latents of a batch as RGB, one pixel per latent pixel, without the VAE: the
+    family's latent→RGB factors (colours in [-1, 1]) applied to each latent pixel."""
     channels_last = latents[0].detach().float().cpu().numpy().transpose(1, 2, 0)
-    return _to_8bit(channels_last @ projection.matrix + projection.bias)
+    return _to_8bit(channels_last @ np.array(latent_format.latent_rgb_factors))
 
 
 def _to_8bit(rgb: np.ndarray) -> Image.Image:
     """[-1, 1] colours to an 8-bit image, rounded as diffusers' image processor rounds."""
     unit = np.clip(rgb / 2 + 0.5, 0.0, 1.0)
     return Image.fromarray(np.round(unit * 255).astype(np.uint8))
-
-
-def fit_projection(engine: Engine, images: Iterable[Image.Image]) -> LatentProjection:
-    """The least-squares projection for this engine's VAE: each image is encoded (posterior
-    mean) and its latent pixels matched with the image box-filtered to the latent size.
-
-    For a VAE whose latent space is not SD 1.x's (the built-in tiny model's). `r_squared`
-    says how well it fits: near 0, the latents hold no colour a linear map can read, and only
-    the exact mode shows anything.
-    """
-    latent_rows: list[np.ndarray] = []
-    colour_rows: list[np.ndarray] = []
-    for image in images:
-        posterior = engine.encode_init_image(PreparedImage(image.convert("RGB"), None))
-        latents = (engine.vae.config.scaling_factor * posterior.mean)[0]
-        channels, height, width = latents.shape
-        latent_rows.append(latents.detach().float().cpu().numpy().reshape(channels, -1).T)
-        small = image.convert("RGB").resize((width, height), Image.Resampling.BOX)
-        colour_rows.append(np.asarray(small, dtype=np.float64).reshape(-1, 3) / 127.5 - 1)
-    latent_pixels = np.concatenate(latent_rows)
-    colours = np.concatenate(colour_rows)
-    with_bias = np.hstack([latent_pixels, np.ones((len(latent_pixels), 1))])
-    solution, *_ = np.linalg.lstsq(with_bias, colours, rcond=None)
-    residual = colours - with_bias @ solution
-    r_squared = 1 - float((residual**2).sum() / ((colours - colours.mean(0)) ** 2).sum())
-    return LatentProjection("fitted to this VAE", solution[:-1], solution[-1], r_squared)
 
 
 @dataclass(frozen=True)
@@ -123,14 +69,13 @@ class IntermediatesRecorder:
         engine: Engine,
         mode: Mode = "approximate",
         x0: bool = False,
-        projection: LatentProjection = SD1_PROJECTION,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown intermediates mode `{mode}`; use {' or '.join(MODES)}")
         self.engine = engine
         self.mode = mode
         self.x0 = x0
-        self.projection = projection
+        self.latent_format = engine.family.latent_format
         self.frames: list[Frame] = []
 
     @property
@@ -139,7 +84,7 @@ class IntermediatesRecorder:
         if self.mode == "exact":
             return "exact (VAE decode)"
         # "->", not an arrow: Pillow's built-in font has no glyph for "→".
-        return f"approximate (linear latent->RGB, {self.projection.name})"
+        return f"approximate (linear latent->RGB, {self.latent_format.latent_rgb_source})"
 
     def __call__(self, state: StepState) -> None:
         predicted_x0 = state.predicted_x0 if self.x0 else None
@@ -155,7 +100,7 @@ class IntermediatesRecorder:
     def _picture(self, latents: torch.Tensor) -> Image.Image:
         if self.mode == "exact":
             return self.engine.decode_latents_exact(latents)
-        return approximate_rgb(latents, self.projection)
+        return approximate_rgb(latents, self.latent_format)
 
 
 # The strip's layout, in pixels.

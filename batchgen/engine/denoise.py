@@ -1,0 +1,235 @@
+"""The img2img denoising loop, once: `denoise` reads top to bottom as diffusers'
+`StableDiffusionImg2ImgPipeline.__call__` does, in numbered steps, over whichever model family
+the engine holds (engine/families/). Plain img2img, latent blending of a kept region and the
+9-channel inpainting UNet are all in it; the steps' arithmetic is in the helpers below it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.masks import composite, redraw_mask
+from batchgen.jobs.batching import batch_key
+from batchgen.jobs.job import Job, taken_steps
+
+if TYPE_CHECKING:
+    from batchgen.engine.img2img import Engine
+
+# A diffusers scheduler. Their shared base, SchedulerMixin, does not declare the methods every
+# one of them has (set_timesteps, scale_model_input, step, add_noise), so type checkers can't.
+Scheduler = Any
+
+
+@dataclass(frozen=True)
+class StepState:
+    """The denoising loop's latents at its start and after each scheduler step, for a hook.
+
+    Index 0 is the init image's latents noised to the first timestep, before any step
+    (IMG2IMG.md's "initial image that SD sees"); index i follows the i-th call of the
+    scheduler's `step`, one per UNet evaluation. That is one per step taken, except for
+    second-order schedulers (Heun, DPM2: two calls per step but the last) and PLMS (its
+    warm-up step calls twice).
+    The tensors are the loop's own, batch × 4 × height/8 × width/8: read or copy them, never
+    change them in place.
+    """
+
+    index: int
+    # The UNet's timestep at this step (index 0: the one the noise matches). Not always a whole
+    # number: Karras sigmas and DPM2's midpoints fall between the training timesteps.
+    timestep: float
+    latents: torch.Tensor
+    predicted_x0: torch.Tensor | None  # the clean latents this step aimed at; None at index 0
+
+
+StepCallback = Callable[[StepState], None]
+
+
+@torch.no_grad()
+def denoise(
+    engine: Engine,
+    jobs: Sequence[Job],
+    inits: Sequence[PreparedImage],
+    on_step: StepCallback | None = None,
+) -> np.ndarray:
+    """The jobs' images as float RGB in [0, 1], batch × height × width × 3: diffusers'
+    img2img pipeline with a list of generators, one per job, and per-job cfg."""
+    # 1. Check inputs: the jobs must share one loop (batching.BatchKey).
+    check_batch(jobs, inits)
+    first = jobs[0]
+    do_classifier_free_guidance = first.cfg > 1
+    # 2. One CPU generator per job, as a list of `generator=` in diffusers: each sample draws
+    #    what it would draw alone, on any device.
+    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+
+    # 3. Encode the prompts (the negative ones first, with guidance).
+    conditioning = engine.batch_conditioning(jobs, do_classifier_free_guidance)
+
+    # 4. The timesteps that strength leaves.
+    scheduler = engine.make_scheduler(first.scheduler)
+    timesteps = get_timesteps(scheduler, first.steps_nominal, first.strength, engine.device)
+
+    # 5. The init images' latents, noised to the first of them.
+    posteriors = [engine.init_posterior(job, init) for job, init in zip(jobs, inits, strict=True)]
+    latents, noise, init_latents = engine.prepare_latents(
+        jobs, posteriors, scheduler, timesteps[:1], generators
+    )
+
+    # 6. What is redrawn: an inpainting model sees the mask and the kept pixels itself (its
+    #    extra input channels); any other has the kept latents put back after each step.
+    masks = [redraw_mask(job, init) for job, init in zip(jobs, inits, strict=True)]
+    inpainting = engine.family.inpainting
+    extra_channels = engine.inpainting_channels(masks, inits, latents) if inpainting else None
+    keep = None if inpainting else engine.kept_latents(masks, latents)
+
+    # 7. The scheduler's own arguments: DDIM's eta, the generators of ancestral schedulers.
+    extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generators)
+
+    # 8. The denoising loop.
+    if on_step is not None:
+        on_step(StepState(0, float(timesteps[0]), latents, None))
+    for index, t in enumerate(timesteps, start=1):
+        model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        if extra_channels is not None:
+            extra = (
+                torch.cat([extra_channels] * 2) if do_classifier_free_guidance else extra_channels
+            )
+            model_input = torch.cat([model_input, extra], dim=1)
+        noise_pred = engine.predict_noise(model_input, t, conditioning)
+        if do_classifier_free_guidance:
+            noise_pred = classifier_free_guidance(noise_pred, [job.cfg for job in jobs])
+        step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
+        predicted_x0 = (
+            predicted_original_sample(scheduler, step_output, noise_pred, t, latents)
+            if on_step is not None
+            else None
+        )
+        latents = step_output.prev_sample
+        if keep is not None:
+            # The kept region back, at the noise level of the step to come (clean after the
+            # last): the model paints the rest to fit around it.
+            known = (
+                scheduler.add_noise(init_latents, noise, timesteps[index:][:1].repeat(len(jobs)))
+                if index < len(timesteps)
+                else init_latents
+            )
+            latents = latents * (1 - keep) + known * keep
+        if on_step is not None:
+            on_step(StepState(index, float(t), latents, predicted_x0))
+
+    # 9. Decode, and paste the kept pixels back over the decoded ones.
+    pixels = engine.decode_batch(latents)
+    for sample, (mask, init) in enumerate(zip(masks, inits, strict=True)):
+        if mask is not None:
+            pixels[sample] = composite(pixels[sample], init.rgb, mask)
+    return pixels
+
+
+def get_timesteps(
+    scheduler: Scheduler, num_inference_steps: int, strength: float, device: str
+) -> torch.Tensor:
+    """The schedule for `num_inference_steps`, minus the first steps that strength skips
+    (diffusers' `get_timesteps`: int(steps × strength) steps are left)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    t_start = num_inference_steps - taken_steps(num_inference_steps, strength)
+    # Second-order schedulers hold `order` timesteps per step.
+    begin_index = t_start * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin_index)
+    return scheduler.timesteps[begin_index:]
+
+
+def predicted_original_sample(
+    scheduler: Scheduler,
+    step_output: object,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor,
+    sample: torch.Tensor,
+) -> torch.Tensor | None:
+    """The clean latents (x0) that the step from `sample` at `timestep` aimed at.
+
+    Most schedulers return it: `pred_original_sample` from DDIM, DDPM, LMS, Euler, Euler a,
+    Heun, DPM2 and DPM2 a, `denoised` from LCM. PLMS, DPM++ (2M, 2S), DEIS and UniPC don't; all
+    are variance-preserving (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), so x0 follows from the model's
+    output as in DDIM's step. None for a prediction type that formula does not cover.
+    """
+    for name in ("pred_original_sample", "denoised"):
+        predicted = getattr(step_output, name, None)
+        if predicted is not None:
+            return predicted
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        return None
+    # These schedulers' timesteps are whole training timesteps, Karras sigmas or not.
+    alpha_prod_t = alphas_cumprod[int(timestep)].to(sample.device, sample.dtype)
+    beta_prod_t = 1 - alpha_prod_t
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - beta_prod_t.sqrt() * model_output) / alpha_prod_t.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_prod_t.sqrt() * sample - beta_prod_t.sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    return None
+
+
+def prepare_extra_step_kwargs(
+    scheduler: Scheduler, generators: list[torch.Generator]
+) -> dict[str, object]:
+    """`eta` (DDIM's η, 0 as in the pipeline) and the generators, for the schedulers whose
+    `step` takes them; ancestral and SDE schedulers draw fresh noise at every step. Every
+    scheduler we offer draws it with `randn_tensor`, which draws sample i from generator i
+    (and treats a list of one as that generator), so each sample's noise is its own."""
+    accepted = inspect.signature(scheduler.step).parameters
+    extra_step_kwargs: dict[str, object] = {}
+    if "eta" in accepted:
+        extra_step_kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        extra_step_kwargs["generator"] = generators
+    return extra_step_kwargs
+
+
+def classifier_free_guidance(noise_pred: torch.Tensor, cfgs: Sequence[float]) -> torch.Tensor:
+    """uncond + cfg × (cond − uncond) for each sample of [uncond_1..uncond_b, cond_1..cond_b].
+    Sample by sample with cfg as a Python float, exactly the pipeline's arithmetic: a b×1×1×1
+    tensor of cfgs would round them to the model's dtype (float16: 7.3 → 7.3008)."""
+    uncond, cond = noise_pred.chunk(2)
+    return torch.cat(
+        [
+            sample_uncond + cfg * (sample_cond - sample_uncond)
+            for sample_uncond, sample_cond, cfg in zip(
+                uncond.split(1), cond.split(1), cfgs, strict=True
+            )
+        ]
+    )
+
+
+def check_batch(jobs: Sequence[Job], inits: Sequence[PreparedImage]) -> None:
+    """Raises a ValueError unless the jobs can share one denoising loop."""
+    if not jobs or len(jobs) != len(inits):
+        raise ValueError(f"a batch needs one init image per job: {len(jobs)} jobs, {len(inits)}")
+    key = batch_key(jobs[0])
+    for job, init in zip(jobs, inits, strict=True):
+        if job.steps_taken == 0:
+            raise ValueError(f"job {job.id} takes no denoising steps; `render` returns its init")
+        differing = [
+            name
+            for name, value, first_value in zip(key._fields, batch_key(job), key, strict=True)
+            if value != first_value
+        ]
+        if differing:
+            raise ValueError(
+                f"job {job.id} cannot share a batch with job {jobs[0].id}: "
+                f"they differ in {', '.join(differing)}"
+            )
+        if init.rgb.size != (job.width, job.height):
+            raise ValueError(
+                f"init image is {init.rgb.size}, job {job.id} is {job.width}x{job.height}"
+            )

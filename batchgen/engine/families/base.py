@@ -1,0 +1,65 @@
+"""What a model family gives the denoising loop (engine/denoise.py): a protocol, so that a
+family is a class of its own, never a branch in the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Self
+
+import torch
+
+from batchgen.models.source import ModelSource
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """A family's latents as data (ComfyUI's latent_formats): what the VAE's output is scaled
+    and shifted by before the denoiser sees it, and its shape."""
+
+    channels: int
+    scaling_factor: float
+    shift_factor: float
+    vae_scale_factor: int  # image pixels per latent pixel, along each side
+    # RGB ≈ latents · factors for each latent pixel (one row per channel, colours in [-1, 1]):
+    # what intermediates' approximate frames show, without a VAE decode. Where they come from.
+    latent_rgb_factors: tuple[tuple[float, float, float], ...]
+    latent_rgb_source: str
+
+    def from_vae(self, sample: torch.Tensor) -> torch.Tensor:
+        return (sample - self.shift_factor) * self.scaling_factor
+
+    def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scaling_factor + self.shift_factor
+
+
+class Family(Protocol):
+    """A loaded model of one family, on its device, in its dtype."""
+
+    latent_format: LatentFormat
+    vae: Any  # an AutoencoderKL: encodes init images, decodes latents
+    denoiser: Any  # the UNet or transformer: what `--fast compile` and channels_last change
+    scheduler_config: dict[str, Any]  # each job builds its scheduler class from it
+    # An inpainting model takes the mask and the kept pixels' latents beside its latents.
+    inpainting: bool
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        torch_dtype: torch.dtype,
+        device: str,
+        *,
+        vae: ModelSource | None,
+        variant: str | None,
+    ) -> Self: ...
+
+    def encode_prompt(self, prompt: str, clip_skip: int) -> torch.Tensor:
+        """One prompt's conditioning, 1 × …: encoded alone, so that it does not depend on
+        which prompts share its batch."""
+        ...
+
+    def predict_noise(
+        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoiser's output for a batch (conditioning: the batch's prompts, concatenated)."""
+        ...

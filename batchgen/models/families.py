@@ -1,0 +1,136 @@
+"""The model families batchgen renders, as one table, and which family a model is.
+
+A family is known without importing torch — from a diffusers folder's `model_index.json`
+(`_class_name`) or a single file's tensor names — so `validate` and `plan` refuse a model
+batchgen cannot render before anything loads. Each row names the class that renders the
+family (`engine/families/`), imported only when a run loads the model. Stable Diffusion
+1.x/2.x registers through `register_family`, as any other family does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
+
+
+@dataclass(frozen=True)
+class FamilyEntry:
+    name: str  # what ModelSource.family holds: "sd"
+    title: str  # how messages name it
+    pipelines: tuple[str, ...]  # model_index.json `_class_name`s of its diffusers folders
+    # A single file is of the family when one of its tensor names starts with one of these.
+    checkpoint_prefixes: tuple[str, ...]
+    # "module:Class" of its engine/families class (or the class itself, for a test's family).
+    implementation: str | type
+
+    def load_class(self) -> Any:
+        """The class that loads and runs models of this family (imports torch)."""
+        if not isinstance(self.implementation, str):
+            return self.implementation
+        module, _, name = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+class UnsupportedFamilyError(ValueError):
+    """A model of a family batchgen does not render (yet); `hint` lists those it does."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.hint = f"batchgen renders: {supported()}"
+
+
+FAMILIES: dict[str, FamilyEntry] = {}
+
+# Families people bring that have no row yet: named, so that a refusal says what the model is.
+# Their tensor prefixes are checked before SD's, which SDXL's checkpoints share.
+NOT_YET_RENDERED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "SDXL": (
+        ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+        ("conditioner.embedders.",),
+    ),
+    "Stable Diffusion 3": (
+        ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+        ("model.diffusion_model.joint_blocks.", "joint_blocks."),
+    ),
+    "FLUX": (
+        ("FluxPipeline", "FluxImg2ImgPipeline"),
+        ("double_blocks.", "model.diffusion_model.double_blocks."),
+    ),
+}
+
+
+def register_family(entry: FamilyEntry) -> None:
+    """Add a family to the table (a new one, or a test's); its name and pipelines must be new."""
+    taken = {pipeline for known in FAMILIES.values() for pipeline in known.pipelines}
+    if entry.name in FAMILIES or taken & set(entry.pipelines):
+        raise ValueError(f"family {entry.name} or one of its pipelines is registered already")
+    FAMILIES[entry.name] = entry
+
+
+def unregister_family(name: str) -> None:
+    FAMILIES.pop(name, None)
+
+
+def supported() -> str:
+    return "; ".join(f"{entry.title} ({', '.join(entry.pipelines)})" for entry in FAMILIES.values())
+
+
+def family_of_folder(folder: Path) -> FamilyEntry:
+    """The family of a diffusers folder, by its pipeline class."""
+    try:
+        index = json.loads((folder / PIPELINE_INDEX).read_text(encoding="utf-8"))
+        pipeline = str(index["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnsupportedFamilyError(
+            f"{folder / PIPELINE_INDEX} does not name its pipeline class (`_class_name`)"
+        ) from None
+    for entry in FAMILIES.values():
+        if pipeline in entry.pipelines:
+            return entry
+    for title, (pipelines, _) in NOT_YET_RENDERED.items():
+        if pipeline in pipelines:
+            raise UnsupportedFamilyError(
+                f"model {folder} is {title} ({pipeline} in {PIPELINE_INDEX}), which batchgen "
+                "does not render yet"
+            )
+    raise UnsupportedFamilyError(
+        f"model {folder} is a {pipeline} ({PIPELINE_INDEX}), a pipeline batchgen does not render"
+    )
+
+
+def family_of_checkpoint(keys: Iterable[str], path: Path) -> FamilyEntry:
+    """The family of a single-file checkpoint, by its tensor names."""
+    keys = list(keys)
+    for title, (_, prefixes) in NOT_YET_RENDERED.items():
+        if any(key.startswith(prefixes) for key in keys):
+            raise UnsupportedFamilyError(
+                f"{path} is a {title} checkpoint, which batchgen does not render yet"
+            )
+    for entry in FAMILIES.values():
+        if any(key.startswith(entry.checkpoint_prefixes) for key in keys):
+            return entry
+    raise UnsupportedFamilyError(
+        f"{path} holds no model batchgen knows (no UNet or transformer of a family it renders);"
+        " is it a VAE, a LoRA or an embedding rather than a full model?"
+    )
+
+
+register_family(
+    FamilyEntry(
+        name="sd",
+        title="Stable Diffusion 1.x/2.x",
+        pipelines=(
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+        ),
+        checkpoint_prefixes=("model.diffusion_model.",),
+        implementation="batchgen.engine.families.sd:StableDiffusion",
+    )
+)

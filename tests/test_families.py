@@ -1,0 +1,144 @@
+"""Model families: which family a model is, known without torch so that `validate` refuses one
+batchgen does not render before anything loads, and a family registered through the public
+table renders through the same loop as Stable Diffusion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from batchgen.engine.families.sd import StableDiffusion
+from batchgen.models.families import (
+    FAMILIES,
+    FamilyEntry,
+    family_of_checkpoint,
+    register_family,
+    unregister_family,
+)
+from batchgen.models.source import BUILTIN_DIR, resolve_model
+from batchgen.recipe.load import load_recipe
+from batchgen.recipe.problems import RecipeError
+from batchgen.running.runner import run
+from batchgen.store.manifest import Manifest
+from tests.test_cli import RECIPE, write_recipe
+
+
+def recipe_for(tmp_path: Path, model: str) -> Path:
+    return write_recipe(tmp_path, f"model: {model}\n" + RECIPE)
+
+
+def pipeline_folder(tmp_path: Path, class_name: str) -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    return folder
+
+
+def test_builtin_and_shipped_models_are_stable_diffusion() -> None:
+    assert resolve_model("builtin:tiny", Path(".")).family == "sd"
+    assert FAMILIES["sd"].load_class() is StableDiffusion
+
+
+@pytest.mark.parametrize(
+    ("class_name", "named"),
+    [
+        ("StableDiffusionXLPipeline", "SDXL"),
+        ("FluxImg2ImgPipeline", "FLUX"),
+        ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
+        ("KandinskyPipeline", "KandinskyPipeline"),
+    ],
+)
+def test_validate_refuses_a_folder_of_another_family_at_its_line(
+    tmp_path: Path, class_name: str, named: str
+) -> None:
+    folder = pipeline_folder(tmp_path, class_name)
+    recipe = recipe_for(tmp_path, str(folder))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    (problem,) = error.value.problems
+    text = str(problem)
+    assert text.startswith(f"{recipe}:1: model: "), text
+    assert named in text and "Stable Diffusion 1.x/2.x" in text  # what it is, what works
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "SDXL"),
+        ("double_blocks.0.img_attn.qkv.weight", "FLUX"),
+        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "Stable Diffusion 3"),
+    ],
+)
+def test_a_single_file_of_another_family_is_named_from_its_keys(
+    tmp_path: Path, key: str, named: str
+) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(1), "model.diffusion_model.out.2.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=named):
+        family_of_checkpoint([key, "model.diffusion_model.out.2.weight"], path)
+    with pytest.raises(RecipeError, match=named):
+        load_recipe(recipe_for(tmp_path, str(path)))
+
+
+def test_validate_refuses_another_family_without_importing_torch(tmp_path: Path) -> None:
+    folder = pipeline_folder(tmp_path, "StableDiffusionXLPipeline")
+    recipe = recipe_for(tmp_path, str(folder))
+    code = (
+        "import sys\n"
+        "from batchgen.cli import main\n"
+        f"try: main(['validate', {str(recipe)!r}])\n"
+        "except SystemExit as exit: print('exit', exit.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split()[-3:] == ["exit", "2", "False"], done.stdout + done.stderr
+    assert "SDXL" in done.stdout + done.stderr
+
+
+class CountingFamily(StableDiffusion):
+    """A test's family: Stable Diffusion's components, with its model calls counted."""
+
+    calls = 0
+
+    def predict_noise(self, sample, timestep, conditioning):  # type: ignore[no-untyped-def]
+        CountingFamily.calls += 1
+        return super().predict_noise(sample, timestep, conditioning)
+
+
+def test_a_family_registered_through_the_table_renders(tmp_path: Path) -> None:
+    folder = tmp_path / "counting-model"
+    shutil.copytree(BUILTIN_DIR / "tiny", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(
+        json.dumps(index | {"_class_name": "CountingImg2ImgPipeline"})
+    )
+    register_family(
+        FamilyEntry(
+            name="counting",
+            title="Counting",
+            pipelines=("CountingImg2ImgPipeline",),
+            checkpoint_prefixes=("counting.",),
+            implementation=CountingFamily,
+        )
+    )
+    try:
+        assert resolve_model(str(folder), tmp_path).family == "counting"
+        result = run(recipe_for(tmp_path, str(folder)), quiet=True)
+    finally:
+        unregister_family("counting")
+    assert result.made == 4 and result.failed == 0
+    # 2 prompts at strength 0.5 of 4 steps, guided: one batch, 2 UNet calls; strength 0 none.
+    assert CountingFamily.calls == 2
+    assert len(Manifest(tmp_path / "out").rows()) == 4
+
+
+def test_a_family_name_or_pipeline_is_registered_once() -> None:
+    with pytest.raises(ValueError, match="registered already"):
+        register_family(FAMILIES["sd"])
