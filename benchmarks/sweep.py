@@ -35,8 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
-from unittest import mock
+from typing import Any
 
 import diffusers
 import numpy as np
@@ -45,13 +44,12 @@ import torch
 import transformers
 import yaml
 
-import batchgen.engine.img2img
 from batchgen.engine.devices import NO_FAST_PATHS, FastPaths
+from batchgen.engine.families.sd_loading import load_tokenizer
 from batchgen.engine.images import prepare
 from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import Job
 from batchgen.jobs.plan import make_plan
-from batchgen.engine.families.sd_loading import load_tokenizer
 from batchgen.models.source import CONFIGS_DIR, resolve_model
 from batchgen.recipe.load import load_recipe
 from batchgen.running.runner import BatchSize, run
@@ -454,27 +452,23 @@ def _synchronize(device: str) -> None:
 # batchgen
 
 
-class TimedEngine(batchgen.engine.img2img.Engine):
-    """batchgen's Engine with forward timers on its components, so that the runner's own
-    loading and loop are measured without changing the package."""
+class EngineTimers:
+    """`batchgen.run`'s `on_engine` hook: forward timers on each engine's models as it loads,
+    so that the runner's own loading and loop are measured without changing the package."""
 
-    instances: ClassVar[list[TimedEngine]] = []
+    def __init__(self) -> None:
+        self.engines: list[Any] = []
+        self.timers: list[ForwardTimer] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.forward_timer = ForwardTimer(self.device)
-        self.forward_timer.instrument(self)
-        TimedEngine.instances.append(self)
+    def __call__(self, engine: Any) -> None:
+        timer = ForwardTimer(engine.device)
+        timer.instrument(engine.family)
+        self.engines.append(engine)
+        self.timers.append(timer)
 
-
-@contextlib.contextmanager
-def timed_engines() -> Iterator[list[TimedEngine]]:
-    """`batchgen.run` builds TimedEngines while this is open (the runner looks the class up
-    in batchgen.engine at run time); yields the engines built, in order."""
-    TimedEngine.instances = []
-    with mock.patch.object(batchgen.engine, "Engine", TimedEngine):
-        yield TimedEngine.instances
-    TimedEngine.instances = []
+    def clear(self) -> None:
+        self.engines.clear()
+        self.timers.clear()
 
 
 @dataclass(frozen=True)
@@ -498,16 +492,16 @@ def run_batchgen(
     repeats find torch's compile caches warm)."""
     memory = PeakMemory(device)
     memory.start()
-    with timed_engines() as engines:
-        _checked_run(warm_up_recipe, device, options)
-        # Let the warm-up's model go before the sweep loads its own (the timers' wrappers form
-        # reference cycles, which only the cycle collector frees).
-        engines.clear()
-        gc.collect()
-        others = OtherLoad()
-        result = _checked_run(recipe, device, options)
-        other_cores = others.cores()
-        engine = engines[-1]
+    timers = EngineTimers()
+    _checked_run(warm_up_recipe, device, options, timers)
+    # Let the warm-up's model go before the sweep loads its own (the timers' wrappers form
+    # reference cycles, which only the cycle collector frees).
+    timers.clear()
+    gc.collect()
+    others = OtherLoad()
+    result = _checked_run(recipe, device, options, timers)
+    other_cores = others.cores()
+    engine, forward_timer = timers.engines[-1], timers.timers[-1]
     rows = Manifest(result.output).latest().values()
     return ArmResult(
         f"batchgen ({options})",
@@ -516,20 +510,21 @@ def run_batchgen(
         engine.load_seconds,
         memory.peak(),
         memory.start_bytes,
-        dict(engine.forward_timer.seconds),
+        dict(forward_timer.seconds),
         other_cores,
         render_seconds=sum(row.seconds for row in rows),
         batch_note=", ".join(sorted({str(row.batch_size) for row in rows})),
     )
 
 
-def _checked_run(recipe: Path, device: str, options: BatchgenOptions) -> Any:
+def _checked_run(recipe: Path, device: str, options: BatchgenOptions, timers: EngineTimers) -> Any:
     result = run(
         recipe,
         device=device,
         quiet=True,
         batch_size=options.batch_size,
         fast_paths=options.fast_paths,
+        on_engine=timers,
     )
     if result.exit_code != 0:
         errors = {row.error for row in Manifest(result.output).latest().values() if row.error}

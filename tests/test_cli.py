@@ -292,6 +292,23 @@ def test_validate_does_not_import_torch(recipe: Path) -> None:
     assert not imports_torch("validate", str(recipe))
 
 
+def test_a_run_with_nothing_to_do_answers_without_torch(recipe: Path) -> None:
+    """A cron job re-running a finished sweep: no model, no torch, and the same answer."""
+    assert invoke("run", str(recipe))[0] == 0
+    assert not imports_torch("run", str(recipe))
+    code, output = invoke("run", str(recipe))
+    assert code == 0 and "nothing to do: all 4 jobs are done" in output
+    assert imports_torch("run", str(recipe), "--redo", "all")  # work: torch loads
+
+
+def test_a_device_name_batchgen_does_not_know_is_bad_input_with_nothing_to_do(
+    recipe: Path,
+) -> None:
+    assert invoke("run", str(recipe))[0] == 0
+    code, output = invoke("run", str(recipe), "--device", "gpu")
+    assert code == 2 and "unknown device `gpu`" in output
+
+
 def test_sigint_stops_after_the_current_batch_and_a_rerun_finishes(tmp_path: Path) -> None:
     (tmp_path / "pictures").mkdir()
     gradient(tmp_path / "pictures" / "gradient.png")

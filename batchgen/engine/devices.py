@@ -54,9 +54,19 @@ def launcher_device(resolved: str, env: Mapping[str, str]) -> str:
     return resolved
 
 
+def check_device(device: str) -> str:
+    """`device` if it names a device batchgen knows (whether this machine has it is
+    `resolve_device`'s to say), else a ValueError that says what to write."""
+    kind, colon, index = device.partition(":")
+    if device in ("auto", "cpu", "mps") or (kind == "cuda" and (not colon or index.isdigit())):
+        return device
+    raise ValueError(f"unknown device `{device}`; use auto, cpu, cuda, cuda:N or mps")
+
+
 def _resolved_with_torch(device: str) -> str:
     import torch
 
+    check_device(device)
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -70,9 +80,7 @@ def _resolved_with_torch(device: str) -> str:
                 "support; use `--device cpu`"
             )
         return device
-    kind, colon, index = device.partition(":")
-    if kind != "cuda" or (colon and not index.isdigit()):
-        raise ValueError(f"unknown device `{device}`; use auto, cpu, cuda, cuda:N or mps")
+    _, colon, index = device.partition(":")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus == 0:
         raise ValueError(

@@ -25,6 +25,8 @@ from batchgen.engine.devices import (
     NO_FAST_PATHS,
     FastPathFailedError,
     FastPaths,
+    check_device,
+    guess_device,
     resolve_device,
     resolve_dtype,
     slurm_cpu_threads,
@@ -36,7 +38,7 @@ from batchgen.jobs.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check
 from batchgen.jobs.plan import Plan, PlannedJob, Redo, make_plan
-from batchgen.jobs.shard import Shard, ShardError, shard_from_environment
+from batchgen.jobs.shard import Shard, shard_from_environment
 from batchgen.models.source import ModelSource
 from batchgen.recipe.load import Recipe, load_recipe
 from batchgen.recipe.problems import RecipeError
@@ -78,6 +80,11 @@ class RunOptions:
     batch_size: BatchSize  # jobs per denoising loop, or "auto": see batching.auto_batch_size
     fast_paths: FastPaths
     png_compression: int  # the images' zlib level: see store.PNG_COMPRESS_LEVEL
+    on_engine: EngineHook | None = None
+
+
+# Called with each engine as it loads, before it renders (a benchmark instruments its models).
+EngineHook = Callable[["Engine"], None]
 
 
 @dataclass(frozen=True)
@@ -272,23 +279,17 @@ def _out_of_memory(failure: Exception) -> bool:
 
 class _EngineLoader:
     """One model in memory at a time: jobs come model by model (the model is the outermost
-    axis), so each model is loaded once."""
+    axis), so each model is loaded once. torch and diffusers are imported with the first."""
 
     def __init__(
-        self,
-        engine_class: type[Engine],
-        recipe: Recipe,
-        device: str,
-        dtype: str,
-        options: RunOptions,
-        reporter: Reporter,
+        self, recipe: Recipe, device: str, dtype: str, options: RunOptions, reporter: Reporter
     ) -> None:
-        self.engine_class = engine_class
         self.vae = recipe.vae
         self.variant = recipe.variant
         self.device = device
         self.dtype = dtype
         self.fast_paths = options.fast_paths
+        self.on_engine = options.on_engine
         self.reporter = reporter
         self.model: ModelSource | None = None
         self.engine: Engine | None = None
@@ -297,8 +298,10 @@ class _EngineLoader:
         if self.engine is not None and model == self.model:
             return self.engine
         self.engine = None  # let the previous model go before the next one loads
+        from batchgen.engine.img2img import Engine
+
         try:
-            engine = self.engine_class(
+            engine = Engine(
                 model,
                 self.device,
                 self.dtype,
@@ -312,6 +315,8 @@ class _EngineLoader:
                 f"{type(error).__name__}: {error}"
             ) from error
         self.model, self.engine = model, engine
+        if self.on_engine is not None:
+            self.on_engine(engine)
         settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths))))
         self.reporter.message(
             f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
@@ -334,12 +339,17 @@ def run(
     batch_size: BatchSize = "auto",
     fast_paths: FastPaths = NO_FAST_PATHS,
     png_compression: int = PNG_COMPRESS_LEVEL,
+    on_engine: EngineHook | None = None,
 ) -> RunResult:
     """Run what the recipe's output folder does not have yet (with `redo`, also its failed
     jobs only, or every job). Raises RecipeError or BadInputError on bad input and
     RunLockedError when another run holds the folder, all before any model is loaded;
     BadInputError too when a later model cannot load, and FastPathFailedError when a `--fast`
-    path cannot work here (both stop the run, keeping the images it made)."""
+    path cannot work here (both stop the run, keeping the images it made). `on_engine` sees
+    each engine as it loads.
+
+    torch is imported only when there is something to render: a run with nothing to do
+    answers from the run folder alone, as `plan` does."""
     started = time.perf_counter()
     recipe = load_recipe(recipe_path, output)
     problems = check(recipe, max_jobs)
@@ -347,22 +357,13 @@ def run(
         raise RecipeError(problems)
     if png_compression not in PNG_COMPRESS_LEVELS:
         raise BadInputError(f"PNG compression {png_compression} is not a zlib level 0–9")
-
     try:
         shard = shard or shard_from_environment()
-    except ShardError as error:
-        raise BadInputError(str(error)) from None
-
-    from batchgen.engine import img2img as engine_module  # torch loads here, after validation
-
-    try:
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype or recipe.dtype, device)
+        # The dtype is part of every job id: planned from the device torch-free, as `plan`
+        # does, and confirmed with torch when there is work.
+        planned_dtype = resolve_dtype(dtype or recipe.dtype, guess_device(check_device(device)))
     except ValueError as error:
         raise BadInputError(str(error)) from None
-    threads = slurm_cpu_threads() if device == "cpu" else None
-    if threads:
-        use_cpu_threads(threads)
     if shard and recipe.variation_mode == "feedback" and any(recipe.axes["variation_count"]):
         raise BadInputError(
             "feedback chains cannot be sharded: each image is the next one's init image, "
@@ -385,13 +386,30 @@ def run(
                 )
             for warning in recipe.warnings:
                 reporter.warning(str(warning))
-            if threads:
-                reporter.message(f"{threads} CPU thread(s), as SLURM_CPUS_PER_TASK says")
-            plan = _resume(recipe, dtype, shard, redo, batch_size, reporter)
-            options = RunOptions(fail_fast, batch_size, fast_paths, png_compression)
-            return _run_plan(plan, engine_module.Engine, device, reporter, options, started)
+            plan = _resume(recipe, planned_dtype, shard, redo, batch_size, reporter)
+            if plan.runs:
+                device = _render_device(device, reporter)
+                rendered_dtype = resolve_dtype(dtype or recipe.dtype, device)
+                if rendered_dtype != plan.dtype:  # torch found another device than guessed
+                    plan = make_plan(recipe, rendered_dtype, shard, redo, batch_size)
+            options = RunOptions(fail_fast, batch_size, fast_paths, png_compression, on_engine)
+            return _run_plan(plan, device, reporter, options, started)
     finally:
         run_lock.release()
+
+
+def _render_device(device: str, reporter: Reporter) -> str:
+    """The device the run renders on, resolved with torch (imported here); under Slurm, the
+    CPU threads its allocation gives."""
+    try:
+        resolved = resolve_device(device)
+    except ValueError as error:
+        raise BadInputError(str(error)) from None
+    threads = slurm_cpu_threads() if resolved == "cpu" else None
+    if threads:
+        use_cpu_threads(threads)
+        reporter.message(f"{threads} CPU thread(s), as SLURM_CPUS_PER_TASK says")
+    return resolved
 
 
 def _run_lock(run_dir: Path, shard: Shard | None) -> RunLock:
@@ -443,7 +461,6 @@ def _resume(
 
 def _run_plan(
     plan: Plan,
-    engine_class: type[Engine],
     device: str,
     reporter: Reporter,
     options: RunOptions,
@@ -466,7 +483,7 @@ def _run_plan(
             f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(to_make)} to do, "
             f"{done_before} already done"
         )
-        engines = _EngineLoader(engine_class, recipe, device, plan.dtype, options, reporter)
+        engines = _EngineLoader(recipe, device, plan.dtype, options, reporter)
         try:
             made, failed, stopped_by = _make_images(
                 plan, to_make, manifest, engines, reporter, options
