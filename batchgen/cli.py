@@ -21,12 +21,12 @@ from rich.table import Table
 from batchgen import __version__
 from batchgen.engine.devices import (
     DTYPES,
-    FastPathFailedError,
     FastPaths,
     default_dtype,
     guess_device,
 )
 from batchgen.engine.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
+from batchgen.errors import BatchgenError
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check, upper_bound
 from batchgen.jobs.plan import PlanSummary, Redo, summarize_plan
@@ -38,11 +38,8 @@ from batchgen.recipe.schema import AxisName, recipe_json_schema
 from batchgen.running.recipe_changes import lock_changes
 from batchgen.store.files import PNG_COMPRESS_LEVEL, read_lock_file
 from batchgen.store.images import mask_label
-from batchgen.store.manifest import ManifestError
-from batchgen.views.status import NotARunFolderError, run_status
 from batchgen.views.status import describe as describe_status
-
-EXIT_BAD_INPUT = 2
+from batchgen.views.status import run_status
 
 recipe_argument = click.argument(
     "recipe", type=click.Path(dir_okay=False, path_type=Path), metavar="RECIPE.yaml"
@@ -130,32 +127,31 @@ def recipe_with_run_options(command: Callable[..., None]) -> Callable[..., None]
     return recipe_argument(command)
 
 
-class BadInput(click.ClickException):
-    exit_code = EXIT_BAD_INPUT
+class _Commands(click.Group):
+    """The command group, and the one place where batchgen's errors become text on stderr
+    and an exit code."""
 
-
-def _problems_exit(problems: list[Problem] | tuple[Problem, ...]) -> click.exceptions.Exit:
-    for problem in problems:
-        click.echo(f"error: {problem}", err=True)
-    count = len(problems)
-    click.echo(f"{count} problem{'s' if count != 1 else ''}; nothing was run", err=True)
-    return click.exceptions.Exit(EXIT_BAD_INPUT)
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchgenError as error:
+            text = error.report()
+            click.echo(text if isinstance(error, RecipeError) else f"error: {text}", err=True)
+            ctx.exit(error.exit_code)
 
 
 def _checked_recipe(path: Path, output: Path | None, max_jobs: int) -> Recipe:
-    try:
-        recipe = load_recipe(path, output)
-    except RecipeError as error:
-        raise _problems_exit(error.problems) from None
+    recipe = load_recipe(path, output)
     problems = check(recipe, max_jobs)
     if problems:
-        raise _problems_exit(problems)
+        raise RecipeError(problems)
     for warning in recipe.warnings:
         click.echo(f"warning: {warning}", err=True)
     return recipe
 
 
 @click.group(
+    cls=_Commands,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Example: batchgen validate recipes/example.yaml && batchgen run recipes/example.yaml",
 )
@@ -282,32 +278,22 @@ def run(
         _show_plan(recipe, device, dtype, output, max_jobs, shard, batch_size, redo, show_all=False)
         click.echo("dry run: nothing was made")
         return
-    from batchgen.running.runner import EXIT_LOCKED, BadInputError
     from batchgen.running.runner import run as run_recipe
-    from batchgen.store.runlock import RunLockedError
 
-    try:
-        result = run_recipe(
-            recipe,
-            device=device,
-            dtype=dtype,
-            output=output,
-            max_jobs=max_jobs,
-            fail_fast=fail_fast,
-            quiet=quiet,
-            shard=shard,
-            redo=redo,
-            batch_size=batch_size,
-            fast_paths=FastPaths(**dict.fromkeys(fast_paths, True)),
-            png_compression=png_compression,
-        )
-    except RecipeError as error:
-        raise _problems_exit(error.problems) from None
-    except (BadInputError, FastPathFailedError) as error:
-        raise BadInput(str(error)) from None
-    except RunLockedError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(EXIT_LOCKED)
+    result = run_recipe(
+        recipe,
+        device=device,
+        dtype=dtype,
+        output=output,
+        max_jobs=max_jobs,
+        fail_fast=fail_fast,
+        quiet=quiet,
+        shard=shard,
+        redo=redo,
+        batch_size=batch_size,
+        fast_paths=FastPaths(**dict.fromkeys(fast_paths, True)),
+        png_compression=png_compression,
+    )
     if reference is not None and result.exit_code == 0:
         verified = _verify(result.output, reference, max_diff, min_psnr, diff_dir)
         sys.exit(0 if verified else 1)
@@ -342,18 +328,15 @@ def _show_plan(
 ) -> None:
     checked = _checked_recipe(recipe, output, max_jobs)
     resolved_dtype = default_dtype(dtype or checked.dtype, guess_device(device))
-    try:
-        summary = summarize_plan(
-            checked,
-            resolved_dtype,
-            shard,
-            redo,
-            batch_size,
-            keep=None if show_all else 50,
-            columns=_PLAN_COLUMNS,
-        )
-    except ManifestError as error:
-        raise BadInput(str(error)) from None
+    summary = summarize_plan(
+        checked,
+        resolved_dtype,
+        shard,
+        redo,
+        batch_size,
+        keep=None if show_all else 50,
+        columns=_PLAN_COLUMNS,
+    )
     _print_plan(summary)
     changes = lock_changes(read_lock_file(checked.output), checked.locked())
     for alarm in changes.content_changed:
@@ -486,7 +469,7 @@ def validate(recipes: tuple[Path, ...], max_jobs: int) -> None:
             axes = ", ".join(f"{axis} ×{len(v)}" for axis, v in recipe.axes.items() if len(v) > 1)
             click.echo(f"{path}: ok, up to {upper_bound(recipe)} jobs ({axes or 'one job'})")
     if problems:
-        raise _problems_exit(problems)
+        raise RecipeError(problems)
 
 
 @main.command()
@@ -587,20 +570,17 @@ def grid(
       batchgen grid outputs/example --x strength --y prompt --show-init
       batchgen grid outputs/sweep --x cfg --y seed --where prompt=fire
     """
-    from batchgen.views.grid import GridError, make_grids, make_run_grids, spec_from_options  # slow
+    from batchgen.views.grid import make_grids, make_run_grids, spec_from_options  # slow
 
     if not x and (y or z or where):
         raise click.UsageError("--y, --z and --where need --x")
     removed: list[Path] = []
-    try:
-        if x:
-            options = {"x": x, "y": y, "z": z, "where": where, "show_init": show_init}
-            spec = spec_from_options(**options, cell=cell, margin=margin, name=name)
-            results = make_grids(run_dir, [spec])
-        else:
-            results, removed = make_run_grids(run_dir)
-    except (GridError, ManifestError) as error:
-        raise BadInput(str(error)) from None
+    if x:
+        options = {"x": x, "y": y, "z": z, "where": where, "show_init": show_init}
+        spec = spec_from_options(**options, cell=cell, margin=margin, name=name)
+        results = make_grids(run_dir, [spec])
+    else:
+        results, removed = make_run_grids(run_dir)
     for path in removed:
         click.echo(f"removed {path} (the run's grids no longer include it)")
     for result in results:
@@ -620,10 +600,7 @@ def report(run_dir: Path) -> None:
     """
     from batchgen.views.report import write_report  # with the grid module: slow to import
 
-    try:
-        click.echo(write_report(run_dir))
-    except (FileNotFoundError, ManifestError) as error:
-        raise BadInput(str(error)) from None
+    click.echo(write_report(run_dir))
 
 
 @main.command()
@@ -674,17 +651,13 @@ def _verify(
 ) -> bool:
     from batchgen.views.verify import (  # numpy: slow
         Tolerance,
-        VerifyError,
         print_report,
         verify_run,
     )
 
-    try:
-        verification = verify_run(
-            run_dir, reference, Tolerance.from_options(max_diff, min_psnr), diff_dir
-        )
-    except (VerifyError, ManifestError) as error:
-        raise BadInput(str(error)) from None
+    verification = verify_run(
+        run_dir, reference, Tolerance.from_options(max_diff, min_psnr), diff_dir
+    )
     print_report(verification, Console(width=None if sys.stdout.isatty() else 160))
     return verification.ok
 
@@ -700,7 +673,4 @@ def status(run_dir: Path) -> None:
     Example:
       batchgen status outputs/example
     """
-    try:
-        click.echo(describe_status(run_status(run_dir)))
-    except (NotARunFolderError, ManifestError) as error:
-        raise BadInput(str(error)) from None
+    click.echo(describe_status(run_status(run_dir)))

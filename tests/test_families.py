@@ -18,6 +18,7 @@ from batchgen.engine.families.sd import StableDiffusion
 from batchgen.models.families import (
     FAMILIES,
     FamilyEntry,
+    UnsupportedFamilyError,
     family_of_checkpoint,
     register_family,
     unregister_family,
@@ -81,7 +82,7 @@ def test_a_single_file_of_another_family_is_named_from_its_keys(
 ) -> None:
     path = tmp_path / "model.safetensors"
     save_file({key: torch.zeros(1), "model.diffusion_model.out.2.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(UnsupportedFamilyError, match=named):
         family_of_checkpoint([key, "model.diffusion_model.out.2.weight"], path)
     with pytest.raises(RecipeError, match=named):
         load_recipe(recipe_for(tmp_path, str(path)))

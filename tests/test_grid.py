@@ -20,8 +20,8 @@ from batchgen.recipe.load import load_recipe
 from batchgen.recipe.problems import RecipeError
 from batchgen.recipe.schema import GridSpec
 from batchgen.store.files import write_lock_file
-from batchgen.store.manifest import Manifest, ManifestRow
-from batchgen.views import grid
+from batchgen.store.manifest import Manifest, ManifestRow, NotARunFolderError
+from batchgen.views import grid, grid_layout, grid_plan
 from batchgen.views.grid import (
     BACKGROUND,
     PLACEHOLDER_FILL,
@@ -263,8 +263,8 @@ def test_labels_take_any_prompt_text(run: Run, axis: str) -> None:
     cells = boxes(result)
     assert len(cells) == 6
     assert image.getpixel(centre(cells[0])) == colour(1)
-    assert grid._format(PASTED_PROMPTS[0]) == "a cheery open fire second line, photograph"
-    assert grid._format(PASTED_PROMPTS[1]) == 'tabs and "quotes" and a control □ character'
+    assert grid_plan._format(PASTED_PROMPTS[0]) == "a cheery open fire second line, photograph"
+    assert grid_plan._format(PASTED_PROMPTS[1]) == 'tabs and "quotes" and a control □ character'
 
 
 def test_a_prompt_on_x_is_wrapped_in_the_column_label(run: Run) -> None:
@@ -421,7 +421,9 @@ def test_grids_work_on_merged_shard_ledgers(run: Run) -> None:
 
 
 def test_a_folder_without_a_manifest_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(GridError, match="has no manifest.csv"):
+    with pytest.raises(
+        NotARunFolderError, match="is not a batchgen run folder: it has no manifest"
+    ):
         make_grids(tmp_path, [spec(x="seed")])
 
 
@@ -492,8 +494,8 @@ def test_a_huge_grid_is_downscaled_under_the_limit_and_says_so(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     jobs = run.sweep(seed=tuple(range(12)), strength=STRENGTHS)
-    monkeypatch.setattr(grid, "MAX_GRID_PIXELS", 200_000)
-    monkeypatch.setattr(grid, "MAX_GRID_SIDE", 700)
+    monkeypatch.setattr(grid_layout, "MAX_GRID_PIXELS", 200_000)
+    monkeypatch.setattr(grid_layout, "MAX_GRID_SIDE", 700)
 
     [result] = make_grids(run.dir, [spec(x="seed", y="strength")])
 
@@ -513,7 +515,7 @@ def test_a_grid_that_cannot_fit_even_with_tiny_cells_is_refused(
     run: Run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run.sweep(seed=tuple(range(6)))
-    monkeypatch.setattr(grid, "MAX_GRID_PIXELS", 2_000)
+    monkeypatch.setattr(grid_layout, "MAX_GRID_PIXELS", 2_000)
 
     with pytest.raises(GridError, match="show fewer with `where`"):
         make_grids(run.dir, [spec(x="seed")])
@@ -621,7 +623,8 @@ def test_jobs_rerun_with_the_same_values_show_the_latest(run: Run) -> None:
 
 def test_characters_the_font_lacks_show_as_boxes_rather_than_nothing() -> None:
     assert (
-        grid._shown("火の鳥 phoenix, crème brûlée → Ωμέγα") == "□□□ phoenix, crème brûlée → Ωμέγα"
+        grid_layout._shown("火の鳥 phoenix, crème brûlée → Ωμέγα")
+        == "□□□ phoenix, crème brûlée → Ωμέγα"
     )
 
 

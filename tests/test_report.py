@@ -25,7 +25,7 @@ from batchgen import __version__
 from batchgen.jobs.job import Job
 from batchgen.store.files import write_lock_file
 from batchgen.store.images import a1111_parameters, write_image
-from batchgen.store.manifest import Manifest, ManifestRow
+from batchgen.store.manifest import Manifest, ManifestRow, NotARunFolderError
 from batchgen.views.report import REPORT_NAME, write_report
 from tests.test_store import INIT, JOB, gradient, make_job, make_row
 
@@ -396,10 +396,13 @@ def test_run_with_no_finished_job_gets_a_report_too(tmp_path: Path) -> None:
 
 
 def test_a_folder_that_is_not_a_run_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not a batchgen run folder.*recipe.lock.yaml"):
+    with pytest.raises(NotARunFolderError, match="typo does not exist"):
         write_report(tmp_path / "typo")
-
     assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotARunFolderError, match="not a batchgen run folder.*recipe.lock.yaml"):
+        write_report(tmp_path / "empty")
+    assert not any((tmp_path / "empty").iterdir())
 
 
 def test_resumed_run_shows_the_latest_row_of_each_job(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from batchgen.cli import main
 from batchgen.engine.devices import launcher_device, slurm_cpu_threads
+from batchgen.errors import BatchgenError
 from batchgen.jobs.batching import make_batches
 from batchgen.jobs.matrix import expand
 from batchgen.jobs.shard import (
@@ -27,7 +28,7 @@ from batchgen.jobs.shard import (
     shard_from_environment,
 )
 from batchgen.recipe.load import load_recipe
-from batchgen.running.runner import BadInputError, RunResult, run
+from batchgen.running.runner import RunResult, run
 from batchgen.store.manifest import Manifest
 from tests.test_cli import RECIPE, gradient, invoke
 
@@ -149,16 +150,17 @@ def slurm_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def run_array_tasks(
     recipe: Path, monkeypatch: pytest.MonkeyPatch, ids: list[int], step: int
-) -> list[RunResult | BadInputError]:
+) -> list[RunResult | BatchgenError]:
     """Each task of the array in turn, in this process, as Slurm would start it."""
-    outcomes: list[RunResult | BadInputError] = []
+    outcomes: list[RunResult | BatchgenError] = []
     for task in ids:
         with monkeypatch.context() as patch:
             for name, value in slurm_array(ids, task, step).items():
                 patch.setenv(name, value)
             try:
                 outcomes.append(run(recipe, batch_size=1, quiet=True))
-            except BadInputError as refusal:
+            except BatchgenError as refusal:
+                assert refusal.exit_code == 2
                 outcomes.append(refusal)
     return outcomes
 
@@ -198,7 +200,7 @@ def test_an_unevenly_spaced_array_is_refused_with_exit_2_and_makes_nothing(
     slurm_recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     outcomes = run_array_tasks(slurm_recipe, monkeypatch, [1, 2, 5], 1)
-    assert all(isinstance(outcome, BadInputError) for outcome in outcomes)
+    assert all(isinstance(outcome, ShardError) for outcome in outcomes)
     assert "--shard K/N" in str(outcomes[0])
     assert not (slurm_recipe.parent / "out" / "manifests").exists()
     env = slurm_array([1, 2, 5], 2)

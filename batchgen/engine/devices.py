@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from batchgen.errors import BatchgenError
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -130,7 +132,7 @@ class FastPaths:
 NO_FAST_PATHS = FastPaths()
 
 
-class FastPathFailedError(RuntimeError):
+class FastPathFailedError(BatchgenError):
     """A fast path asked for cannot work on this machine (`compile` without a C++ compiler
     for the CPU or Triton for the GPU, or a graph break in the model). Every batch would meet
     it, so a run stops with this instead of failing job after job."""

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from batchgen.errors import BatchgenError
+
 # Beyond this many pixels an init image is refused before decoding (decompression bombs).
 MAX_INIT_PIXELS = 64 * 1024 * 1024
 # The seed doc: img2img "does not work properly on initial images smaller than 512x512".
@@ -24,8 +26,8 @@ LATENT_FACTOR = 8  # SD's VAE downsamples 8×; sizes must be multiples of it
 _QUARTER_TURNS = {5, 6, 7, 8}
 
 
-class InitImageError(ValueError):
-    pass
+class InitImageError(BatchgenError):
+    """An init image that cannot be read, or is too large to be one."""
 
 
 @dataclass(frozen=True)

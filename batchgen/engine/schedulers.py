@@ -10,9 +10,11 @@ engine turns a `SchedulerSpec` into a diffusers scheduler with `from_config`.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from dataclasses import dataclass, field
+
+from batchgen.errors import BatchgenError
+from batchgen.recipe.problems import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -74,22 +76,20 @@ SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
 }
 
 
-class UnknownSchedulerError(ValueError):
+class UnknownSchedulerError(BatchgenError):
     def __init__(self, name: str, option: str | None = None) -> None:
         if option is not None:
-            close = difflib.get_close_matches(option, SCHEDULER_OPTIONS, n=1, cutoff=0.6)
-            self.hint = f"did you mean `{close[0]}`?" if close else None
             super().__init__(
                 f"unknown scheduler option `{option}` in `{name}`; known: "
-                f"{', '.join(SCHEDULER_OPTIONS)}"
+                f"{', '.join(SCHEDULER_OPTIONS)}",
+                did_you_mean(option, list(SCHEDULER_OPTIONS)),
             )
-            return
-        close = difflib.get_close_matches(name, SCHEDULER_NAMES, n=1, cutoff=0.6)
-        self.hint = f"did you mean `{close[0]}`?" if close else None
-        super().__init__(
-            f"unknown scheduler `{name}`; known: {', '.join(INVOKEAI_SCHEDULERS)} "
-            "or a diffusers class name such as `EulerDiscreteScheduler`"
-        )
+        else:
+            super().__init__(
+                f"unknown scheduler `{name}`; known: {', '.join(INVOKEAI_SCHEDULERS)} "
+                "or a diffusers class name such as `EulerDiscreteScheduler`",
+                did_you_mean(name, list(SCHEDULER_NAMES)),
+            )
 
 
 @functools.lru_cache(maxsize=256)  # once per name, not once per job; callers never mutate it

@@ -17,12 +17,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from batchgen.errors import BatchgenError
 from batchgen.jobs.batching import make_batches
 from batchgen.jobs.job import Job
 
 
-class ShardError(ValueError):
-    pass
+class ShardError(BatchgenError):
+    """A shard that is not K/N, or that a launcher's variables do not name."""
 
 
 @dataclass(frozen=True)

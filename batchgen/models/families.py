@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchgen.errors import BatchgenError
+
 PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
 
 
@@ -37,12 +39,11 @@ class FamilyEntry:
         return getattr(importlib.import_module(module), name)
 
 
-class UnsupportedFamilyError(ValueError):
+class UnsupportedFamilyError(BatchgenError):
     """A model of a family batchgen does not render (yet); `hint` lists those it does."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.hint = f"batchgen renders: {supported()}"
+        super().__init__(message, f"batchgen renders: {supported()}")
 
 
 FAMILIES: dict[str, FamilyEntry] = {}

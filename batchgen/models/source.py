@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import batchgen
+from batchgen.errors import BatchgenError
 from batchgen.models.families import (
     PIPELINE_INDEX,
     family_of_checkpoint,
@@ -75,12 +76,8 @@ def native_side(model: ModelSource) -> int:
         return 512
 
 
-class ModelNotFoundError(ValueError):
-    """The message names what was looked for and where; `hint` says what to do next."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+class ModelNotFoundError(BatchgenError):
+    """The message names what was looked for and where."""
 
 
 class ConfigNotFoundError(ModelNotFoundError):

@@ -4,10 +4,13 @@ and YAML read so that every key and item knows its line."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from batchgen.errors import BatchgenError
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,20 @@ class Problem:
         return f"{text}\n    hint: {self.hint}" if self.hint else text
 
 
-class RecipeError(Exception):
+class RecipeError(BatchgenError):
     """Bad input: one or more problems, all reported at once."""
 
     def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+    def report(self) -> str:
+        count = len(self.problems)
+        lines = [f"error: {problem}" for problem in self.problems]
+        return "\n".join([*lines, f"{count} problem{'s' if count != 1 else ''}; nothing was run"])
 
 
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+def did_you_mean(word: str, choices: Sequence[str]) -> str | None:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"did you mean `{close[0]}`?" if close else None
 

@@ -34,6 +34,7 @@ from batchgen.engine.devices import (
 )
 from batchgen.engine.images import SMALL_IMAGE_SIDE, PreparedImage
 from batchgen.engine.init_images import InitImagePrefetcher, prepared
+from batchgen.errors import BatchgenError
 from batchgen.jobs.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check
@@ -54,7 +55,7 @@ from batchgen.store.files import (
     read_lock_file,
     write_lock_file,
 )
-from batchgen.store.manifest import Manifest, ManifestError, ManifestRow
+from batchgen.store.manifest import Manifest, ManifestRow
 from batchgen.store.runlock import LOCKS_DIR, RunLock
 from batchgen.views.grid import make_run_grids
 from batchgen.views.intermediates import IntermediatesRecorder
@@ -64,10 +65,9 @@ if TYPE_CHECKING:
     from batchgen.engine.img2img import Engine
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-EXIT_LOCKED = 75  # sysexits' EX_TEMPFAIL: another run holds the folder; try again later
 
 
-class BadInputError(ValueError):
+class BadInputError(BatchgenError):
     """Input that is not the recipe's fault but still the user's to fix (e.g. `--device`)."""
 
 
@@ -437,10 +437,7 @@ def _resume(
     """What a killed or earlier run left, put in order under the run lock: temp files gone,
     what changed since the last run said, unrecorded images adopted. Returns the plan of
     what is left to make."""
-    try:
-        plan = make_plan(recipe, dtype, shard, redo, batch_size)
-    except ManifestError as error:
-        raise BadInputError(str(error)) from None
+    plan = make_plan(recipe, dtype, shard, redo, batch_size)
     mine = {recipe.output / planned.path for planned in plan.jobs if planned.mine}
     mine |= {recipe.output / strip_path(planned.path) for planned in plan.jobs if planned.mine}
     mine.add(_run_lock(recipe.output, shard).holder_path)

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from batchgen import __version__
+from batchgen.errors import BatchgenError
 from batchgen.jobs.job import Job
-from batchgen.store.files import MANIFEST_NAME, SHARD_LEDGER_DIR, write_file_atomically
+from batchgen.store.files import (
+    LOCK_FILE_NAME,
+    MANIFEST_NAME,
+    SHARD_LEDGER_DIR,
+    write_file_atomically,
+)
 from batchgen.store.images import job_record
 
 # ---------------------------------------------------------------------------------------------
@@ -26,7 +32,7 @@ from batchgen.store.images import job_record
 RowStatus = Literal["done", "failed"]
 
 
-class ManifestError(ValueError):
+class ManifestError(BatchgenError):
     """manifest.csv cannot be read as batchgen's ledger; the message says what to do."""
 
 
@@ -298,6 +304,32 @@ class Ledger:
                     f"({error}). Fix or delete that line; a re-run redoes a deleted job."
                 ) from None
         return ManifestRow(**values)  # type: ignore[arg-type]
+
+
+class NotARunFolderError(BatchgenError):
+    """A folder given as a run folder that no batchgen run wrote."""
+
+
+def has_ledger(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file() or any((folder / SHARD_LEDGER_DIR).glob("*.csv"))
+
+
+def require_run_folder(folder: Path, role: str = "", *, ledger: bool = False) -> None:
+    """Raises NotARunFolderError unless a batchgen run wrote `folder`: it has a ledger or, unless
+    `ledger` is asked for, at least recipe.lock.yaml (a run stopped before its first image).
+    `role` names the folder in the message (`run`, `reference`)."""
+    if has_ledger(folder) or (not ledger and (folder / LOCK_FILE_NAME).is_file()):
+        return
+    marks = f"{MANIFEST_NAME} or {SHARD_LEDGER_DIR}/*.csv" + (
+        "" if ledger else f" or {LOCK_FILE_NAME}"
+    )
+    problem = (
+        f"is not a batchgen run folder: it has no {marks}" if folder.exists() else "does not exist"
+    )
+    raise NotARunFolderError(
+        f"{role + ' ' if role else ''}{folder} {problem}",
+        hint="give the folder `batchgen run` wrote (the recipe's `output`, or its --output)",
+    )
 
 
 class Manifest:

@@ -20,13 +20,16 @@ from typing import Any, Self
 
 from filelock import FileLock, Timeout
 
+from batchgen.errors import EXIT_LOCKED, BatchgenError
 from batchgen.store.files import write_file_atomically
 
 LOCKS_DIR = ".locks"  # in a run folder: the run locks and who holds them
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(BatchgenError):
     """Another process is running the same ledger of this run folder."""
+
+    exit_code = EXIT_LOCKED
 
 
 def _running(pid: int) -> bool:

@@ -4,6 +4,8 @@ manifest as a sortable, filterable table, each image's parameters on click, the 
 Made from the manifest (the latest row of each job, done or failed), recipe.lock.yaml and
 grids/*.png, so it works on a finished, half-finished or resumed run. The page needs no server
 and no network: its links are relative, its CSS and JS are inline (report_template.html).
+
+This module writes the page and renders its HTML; report_data.py gathers what it shows.
 """
 
 from __future__ import annotations
@@ -16,246 +18,45 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import quote
-
-from PIL import Image
 
 from batchgen import __version__
-from batchgen.recipe.load import AXES
 from batchgen.store.files import (
-    LOCK_FILE_NAME,
-    MANIFEST_NAME,
-    SHARD_LEDGER_DIR,
     read_lock_file,
     write_file_atomically,
 )
-from batchgen.store.manifest import MANIFEST_COLUMNS, Manifest, ManifestRow
+from batchgen.store.manifest import Manifest, ManifestRow, require_run_folder
+from batchgen.views.report_data import (
+    Axis,
+    GridImage,
+    ReportedJob,
+    ThumbnailGroup,
+    grid_images,
+    reported_job,
+    run_axes,
+    thumbnail_axes,
+    thumbnail_groups,
+)
 
 REPORT_NAME = "report.html"
-GRIDS_DIR = "grids"
-GRID_CHUNK = "batchgen-grid"  # the PNG text chunk grid.py writes: JSON with spec, jobs, fixed
 TEMPLATE_NAME = "report_template.html"
+
+
 # What `batchgen run` writes first (the lock) or as jobs finish (the ledgers).
-RUN_FOLDER_MARKS = (LOCK_FILE_NAME, MANIFEST_NAME, SHARD_LEDGER_DIR)
-
-# Axes whose values are numbers: keyed by their exact value, shown in their shortest form.
-_FLOAT_AXES = frozenset({"strength", "cfg"})
-_INT_AXES = frozenset({"steps", "seed"})
-
-
-@dataclass(frozen=True)
-class ReportedJob:
-    """A job's latest manifest row and what its image file holds."""
-
-    row: ManifestRow
-    image: str  # the image's URL relative to report.html; "" when failed or the file is gone
-    width: int  # of the image file; 0 without one
-    height: int
-    parameters: str  # the A1111 `parameters` text of the PNG; "" without one
-
-    @property
-    def missing(self) -> bool:
-        """Done according to the manifest, but the image file is not there (or unreadable)."""
-        return self.row.status == "done" and not self.image
-
-
-@dataclass(frozen=True)
-class GridImage:
-    href: str
-    name: str
-    width: int
-    height: int
-    description: str  # its spec and fixed values, from its batchgen-grid chunk
-    job_ids: frozenset[str]
-
-
-@dataclass(frozen=True)
-class Axis:
-    name: str
-    labels: dict[str, str]  # every value, as _axis_key gives it → as shown; in recipe order
-
-    @property
-    def swept(self) -> bool:
-        return len(self.labels) > 1
-
-
-@dataclass(frozen=True)
-class ThumbnailGroup:
-    """One grid's worth of thumbnails: x values across, y values down."""
-
-    fixed: tuple[tuple[str, str], ...]  # (axis, label) of the swept axes but x and y
-    cells: dict[tuple[str, str], list[ReportedJob]]  # (x key, y key) → its jobs, usually one
-
-
 def write_report(run_dir: Path) -> Path:
     """Write `run_dir/report.html` atomically from the run folder as it is now; return its path.
 
-    Raises FileNotFoundError when `run_dir` is not a run folder, store.ManifestError when its
+    Raises NotARunFolderError when `run_dir` is not a run folder, ManifestError when its
     manifest.csv is not batchgen's.
     """
     run_dir = Path(run_dir)
-    if not any((run_dir / name).exists() for name in RUN_FOLDER_MARKS):
-        raise FileNotFoundError(
-            f"{run_dir} is not a batchgen run folder: it has no {' or '.join(RUN_FOLDER_MARKS)}. "
-            "Give the folder `batchgen run` wrote (the recipe's `output`, or its --output)."
-        )
+    require_run_folder(run_dir)
     lock = read_lock_file(run_dir)
     rows = sorted(Manifest(run_dir).latest().values(), key=lambda row: row.index)
-    jobs = [_reported_job(run_dir, row) for row in rows]
-    grids = _grid_images(run_dir)
+    jobs = [reported_job(run_dir, row) for row in rows]
+    grids = grid_images(run_dir)
     path = run_dir / REPORT_NAME
     write_file_atomically(path, _render_page(run_dir.name, lock, jobs, grids).encode("utf-8"))
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the run folder
-
-
-def _relative_file(run_dir: Path, relative_path: str) -> Path | None:
-    """The file a manifest path names, only if it is a file inside the run folder."""
-    if not relative_path:
-        return None
-    pure = PurePosixPath(relative_path)
-    if pure.is_absolute() or ".." in pure.parts:
-        return None
-    file = run_dir / pure
-    return file if file.is_file() else None
-
-
-def _reported_job(run_dir: Path, row: ManifestRow) -> ReportedJob:
-    file = _relative_file(run_dir, row.path) if row.status == "done" else None
-    if file is None:
-        return ReportedJob(row, "", 0, 0, "")
-    try:
-        with Image.open(file) as image:
-            # Text chunks before the pixel data are read by open(); batchgen writes them there.
-            parameters = image.info.get("parameters", "")
-            width, height = image.size
-    except OSError:  # Pillow's UnidentifiedImageError included
-        return ReportedJob(row, "", 0, 0, "")
-    return ReportedJob(row, quote(row.path), width, height, str(parameters))
-
-
-def _grid_images(run_dir: Path) -> list[GridImage]:
-    grids = []
-    for file in sorted((run_dir / GRIDS_DIR).glob("*.png")):
-        try:
-            with Image.open(file) as image:
-                width, height = image.size
-                chunk = image.info.get(GRID_CHUNK, "")
-        except OSError:
-            continue
-        try:
-            about = json.loads(chunk) if chunk else {}
-        except json.JSONDecodeError:
-            about = {}
-        if not isinstance(about, dict):
-            about = {}
-        description = " · ".join(
-            text for text in (_describe(about.get("spec")), _describe(about.get("fixed"))) if text
-        )
-        job_ids = frozenset(str(job_id) for job_id in about.get("jobs") or () if job_id)
-        href = quote(f"{GRIDS_DIR}/{file.name}")
-        grids.append(GridImage(href, file.name, width, height, description, job_ids))
-    return grids
-
-
-def _describe(value: object) -> str:
-    """A grid chunk's `spec` or `fixed`, for people: `x strength · y prompt`."""
-    if isinstance(value, dict):
-        return " · ".join(f"{key} {item}" for key, item in value.items() if item is not None)
-    return "" if value is None else str(value)
-
-
-# ---------------------------------------------------------------------------------------------
-# Axes and the thumbnail layout
-
-
-def _axis_key(axis: str, value: object) -> str:
-    """A value of `axis` as text that compares exactly (0.1 + 0.2 is not 0.3)."""
-    if axis in _FLOAT_AXES:
-        return repr(float(value))  # type: ignore[arg-type]
-    if axis in _INT_AXES:
-        return str(int(value))  # type: ignore[call-overload]
-    return str(value)
-
-
-def _axis_label(axis: str, key: str, model_names: dict[str, str]) -> str:
-    if axis in _FLOAT_AXES:
-        return f"{float(key):g}"
-    if axis == "prompt" and not key:
-        return '""'
-    if axis == "model":
-        return model_names.get(key, key)  # the recipe's reference, not the long identity
-    return key
-
-
-def _locked_models(lock: dict[str, Any]) -> list[dict[str, Any]]:
-    """The lock's models, {reference, identity} each: a list, or one mapping in older locks."""
-    models = lock.get("model")
-    listed = [models] if isinstance(models, dict) else models
-    return [model for model in listed or () if isinstance(model, dict)]
-
-
-def _locked_values(lock: dict[str, Any], axis: str) -> list[Any]:
-    if axis == "init_image":
-        images = lock.get("init_images") or ()
-        return [image.get("path") for image in images if isinstance(image, dict)]
-    if axis == "model":
-        return [model.get("identity") for model in _locked_models(lock)]
-    values = lock.get(axis)
-    return values if isinstance(values, list) else []
-
-
-def _axes(lock: dict[str, Any], rows: Sequence[ManifestRow]) -> dict[str, Axis]:
-    """Every axis with its values, in the order the recipe writes them. The values are the
-    lock's, then any other the manifest holds (rows of an earlier recipe in this folder)."""
-    model_names = {
-        str(model.get("identity")): str(model.get("reference")) for model in _locked_models(lock)
-    }
-    written = ["init_image" if key == "init_images" else key for key in lock]
-    in_rows = [axis for axis in AXES if axis in MANIFEST_COLUMNS]
-    axes = {}
-    for axis in dict.fromkeys([name for name in written if name in in_rows] + in_rows):
-        values = [value for value in _locked_values(lock, axis) if value is not None]
-        values += [getattr(row, axis) for row in rows]
-        keys = dict.fromkeys(_axis_key(axis, value) for value in values)
-        axes[axis] = Axis(axis, {key: _axis_label(axis, key, model_names) for key in keys})
-    return axes
-
-
-def _layout(lock: dict[str, Any], axes: dict[str, Axis]) -> tuple[str | None, str | None]:
-    """The thumbnails' x and y axes: the recipe's first grid, else the last two swept axes
-    (the last written varies fastest, as in the job order and A1111's X/Y plot)."""
-    for grid in lock.get("grids") or ():
-        if isinstance(grid, dict) and grid.get("x") in axes:
-            y = grid.get("y")
-            return grid["x"], y if y in axes and y != grid["x"] else None
-    swept = [name for name, axis in axes.items() if axis.swept]
-    return (swept[-1] if swept else None), (swept[-2] if len(swept) > 1 else None)
-
-
-def _groups(
-    jobs: Sequence[ReportedJob], axes: dict[str, Axis], x: str | None, y: str | None
-) -> list[ThumbnailGroup]:
-    """One group per combination of the swept axes other than x and y, in job order."""
-    others = [name for name, axis in axes.items() if axis.swept and name not in (x, y)]
-    groups: dict[tuple[str, ...], ThumbnailGroup] = {}
-    for job in jobs:
-        keys = tuple(_axis_key(axis, getattr(job.row, axis)) for axis in others)
-        if keys not in groups:
-            fixed = tuple(
-                (axis, axes[axis].labels[key]) for axis, key in zip(others, keys, strict=True)
-            )
-            groups[keys] = ThumbnailGroup(fixed, {})
-        group = groups[keys]
-        cell = (
-            _axis_key(x, getattr(job.row, x)) if x else "",
-            _axis_key(y, getattr(job.row, y)) if y else "",
-        )
-        group.cells.setdefault(cell, []).append(job)
-    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,14 +75,14 @@ def _render_page(
 ) -> str:
     """The whole page; everything from the run folder is escaped here."""
     name = str(lock.get("name") or folder_name)
-    axes = _axes(lock, [job.row for job in jobs])
-    x, y = _layout(lock, axes)
+    axes = run_axes(lock, [job.row for job in jobs])
+    x, y = thumbnail_axes(lock, axes)
     parts = {
         "version": _e(__version__),
         "title": _e(f"{name} — batchgen report"),
         "name": _e(name),
         "summary": _summary_html(lock, jobs, axes),
-        "thumbnails": _thumbnails_html(_groups(jobs, axes, x, y), axes, x, y, grids),
+        "thumbnails": _thumbnails_html(thumbnail_groups(jobs, axes, x, y), axes, x, y, grids),
         "grids_nav": '<a href="#grids">Grids</a>' if grids else "",
         "grids": _grids_html(grids),
         "table": _table_html(jobs),

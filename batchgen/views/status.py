@@ -14,13 +14,9 @@ from batchgen.engine.devices import default_dtype, guess_device
 from batchgen.jobs.plan import PlanSummary, summarize_plan
 from batchgen.recipe.load import load_recipe
 from batchgen.recipe.problems import RecipeError
-from batchgen.store.files import LOCK_FILE_NAME, MANIFEST_NAME, SHARD_LEDGER_DIR, read_lock_file
-from batchgen.store.manifest import Manifest, ManifestRow
+from batchgen.store.files import LOCK_FILE_NAME, read_lock_file
+from batchgen.store.manifest import Manifest, ManifestRow, require_run_folder
 from batchgen.store.runlock import LOCKS_DIR, holder_of
-
-
-class NotARunFolderError(FileNotFoundError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -56,14 +52,7 @@ class RunStatus:
 def run_status(run_dir: Path) -> RunStatus:
     """Read `run_dir`; raises NotARunFolderError when it holds no manifest or lock file,
     store.ManifestError when its manifest cannot be read."""
-    if (
-        not any((run_dir / name).exists() for name in (MANIFEST_NAME, SHARD_LEDGER_DIR))
-        and not (run_dir / LOCK_FILE_NAME).exists()
-    ):
-        raise NotARunFolderError(
-            f"{run_dir} is not a batchgen run folder (no {MANIFEST_NAME} or {LOCK_FILE_NAME}); "
-            "give the folder a recipe's `output` names"
-        )
+    require_run_folder(run_dir)
     latest = sorted(Manifest(run_dir).latest().values(), key=lambda row: row.index)
     plan, reason = _plan_of_last_recipe(run_dir, latest)
     running = tuple(

@@ -20,8 +20,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchgen.store.files import MANIFEST_NAME, SHARD_LEDGER_DIR, write_png_atomically
-from batchgen.store.manifest import Ledger, Manifest, ManifestRow
+from batchgen.errors import BatchgenError
+from batchgen.store.files import SHARD_LEDGER_DIR, write_png_atomically
+from batchgen.store.manifest import Ledger, Manifest, ManifestRow, require_run_folder
 
 MAX_LEVEL = 255  # 8-bit pixels: differences and PSNR are in these levels
 EXTRA_JOBS_SHOWN = 20  # a reference that is a small sample of a big run lists no more
@@ -37,7 +38,7 @@ LABEL_INK = (235, 235, 235)
 _UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-class VerifyError(ValueError):
+class VerifyError(BatchgenError):
     """The run or the reference cannot be read as a batchgen run; the message says what to do."""
 
 
@@ -170,33 +171,15 @@ def _finished_rows(path: Path, role: str) -> tuple[Path, dict[str, ManifestRow]]
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == SHARD_LEDGER_DIR else path.parent
         latest = {row.id: row for row in Ledger(path).rows()}  # the last row of an id wins
-    elif _has_ledger(path):
+    else:
+        require_run_folder(path, role, ledger=True)
         run_dir = path
         latest = Manifest(path).latest()
-    else:
-        raise VerifyError(_not_a_run(path, role))
     done = sorted(
         (row for row in latest.values() if row.status == "done"),
         key=lambda row: (row.index, row.id),
     )
     return run_dir, {row.id: row for row in done}
-
-
-def _has_ledger(folder: Path) -> bool:
-    return (folder / MANIFEST_NAME).is_file() or any((folder / SHARD_LEDGER_DIR).glob("*.csv"))
-
-
-def _not_a_run(path: Path, role: str) -> str:
-    if path.exists():
-        problem = (
-            f"is not a batchgen run folder: it has no {MANIFEST_NAME} or {SHARD_LEDGER_DIR}/*.csv"
-        )
-    else:
-        problem = "does not exist"
-    return (
-        f"{role} {path} {problem}. Give the folder `batchgen run` wrote (the recipe's `output`, "
-        f"or its --output) or its {MANIFEST_NAME}."
-    )
 
 
 def _make_folder(folder: Path) -> None:

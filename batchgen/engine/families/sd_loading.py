@@ -24,6 +24,7 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from batchgen.errors import BatchgenError
 from batchgen.models.source import CLIP_BPE_DIR, CONFIGS_DIR, ModelSource, detect_config
 
 # mypy sees diffusers' lazily imported model classes as opaque (no `encode`, not callable), so
@@ -41,12 +42,8 @@ class Components:
     scheduler_config: dict[str, Any]  # each job builds its scheduler class from it
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely or completely; `hint` says what to do."""
-
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+class CheckpointError(BatchgenError):
+    """A checkpoint that cannot be loaded safely or completely."""
 
 
 def load_components(
