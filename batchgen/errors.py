@@ -23,3 +23,7 @@ class BatchgenError(Exception):
     def report(self) -> str:
         """The message as the command line prints it."""
         return f"{self.message}\n    hint: {self.hint}" if self.hint else self.message
+
+
+class BadInputError(BatchgenError):
+    """Input that is not the recipe's fault but still the user's to fix (e.g. `--device`)."""

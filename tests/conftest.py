@@ -1,5 +1,6 @@
 """Fixtures shared by the tests that run builtin:tiny in-process: one model load, one init
-drawing and the seed doc's job for the whole session."""
+drawing and the seed doc's job for the whole session; and the resume recipe, before and after
+a complete run."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ from PIL import Image
 from batchgen.engine.images import PreparedImage, prepare, read_header
 from batchgen.jobs.job import InitImage, Job
 from batchgen.models.source import ModelSource, resolve_model
-
-# Small, and not square, so that a transposition would show.
-DRAWING_WIDTH, DRAWING_HEIGHT = 64, 96
+from tests.helpers import DRAWING_HEIGHT, DRAWING_WIDTH, RESUME_RECIPE, invoke, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +77,17 @@ def job(init_path: Path, tiny: ModelSource) -> Job:
         model=tiny.identity,
         dtype="float32",
     )
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    """RESUME_RECIPE as tmp_path/resume.yaml, with its gradient (test_cli.py has its own)."""
+    return write_recipe(tmp_path, RESUME_RECIPE, "resume")
+
+
+@pytest.fixture
+def done(recipe: Path) -> Path:
+    """The run folder after a complete run of `recipe`."""
+    code, output = invoke("run", str(recipe))
+    assert code == 0, output
+    return recipe.parent / "out"

@@ -31,19 +31,14 @@ from batchgen.jobs.batching import (
 )
 from batchgen.jobs.job import InitImage, Job
 from batchgen.models.source import ModelSource
-from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
+from tests.helpers import (
+    BATCH_TOLERANCE_LEVELS,
+    DRAWING_HEIGHT,
+    DRAWING_WIDTH,
+    max_level_difference,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# A job in a batch differs from the same job alone by at most this many 8-bit levels on the
-# CPU: the UNet's and VAE's kernels sum in another order for another batch size. Measured
-# on builtin:tiny at 64×96: at most 1 level with every scheduler we offer (batches of 4), and
-# in batches of 8 on 0.04% of the values (float difference at most 1.2e-4).
-BATCH_TOLERANCE_LEVELS = 2
-
-
-def max_level_difference(first: Image.Image, second: Image.Image) -> int:
-    return int(np.abs(np.asarray(first, np.int16) - np.asarray(second, np.int16)).max())
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +304,7 @@ def test_a_batch_size_probe_that_fails_gives_batches_of_one(
     from types import SimpleNamespace
 
     from batchgen.engine import img2img as engine_module
-    from batchgen.running.runner import _auto_size
+    from batchgen.running.render import auto_size as _auto_size
 
     def broken(*args: object) -> int:
         raise RuntimeError("trial render failed (simulated)")
@@ -336,7 +331,7 @@ def test_a_compile_failure_in_the_batch_size_probe_stops_the_run(
     from types import SimpleNamespace
 
     from batchgen.engine import img2img as engine_module
-    from batchgen.running.runner import _auto_size
+    from batchgen.running.render import auto_size as _auto_size
 
     def cannot_compile(*args: object) -> int:
         raise FastPathFailedError("--fast compile cannot compile the UNet here (simulated)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -15,74 +14,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from PIL import Image
 
 from batchgen import __version__
-from batchgen.cli import main
 from batchgen.engine.images import prepare
 from batchgen.jobs.job import InitImage
 from batchgen.running.runner import BadInputError, run
-
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = """
-name: small
-init_images: [pictures/gradient.png]
-prompts: [fire, "cheery open fire, photograph"]
-strength: [0.0, 0.5]
-steps: 4
-seeds: [7]
-"""
-
-
-def gradient(path: Path, size: tuple[int, int] = (64, 48)) -> None:
-    x = np.linspace(0, 255, size[0], dtype=np.uint8)
-    y = np.linspace(0, 255, size[1], dtype=np.uint8)
-    rgb = np.stack(np.broadcast_arrays(x[None, :], y[:, None], (x[None, :] // 2 + 60)), axis=-1)
-    Image.fromarray(rgb.astype(np.uint8)).save(path)
-
-
-def write_recipe(folder: Path, text: str, name: str = "small") -> Path:
-    """`text` as folder/<name>.yaml, output to folder/out, with the gradient it names."""
-    (folder / "pictures").mkdir()
-    gradient(folder / "pictures" / "gradient.png")
-    path = folder / f"{name}.yaml"
-    path.write_text(text + f"output: {folder / 'out'}\n")
-    return path
+from tests.helpers import (
+    RECIPE,
+    fail_batches_with,
+    gradient,
+    imports_torch,
+    invoke,
+    manifest,
+    write_recipe,
+)
 
 
 @pytest.fixture
 def recipe(tmp_path: Path) -> Path:
     return write_recipe(tmp_path, RECIPE)
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args))
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
-
-
-def manifest(run_dir: Path) -> list[dict[str, str]]:
-    """manifest.csv's rows in job order: they are written as batches finish, and a batch
-    holds the jobs that share a denoising loop (here: the same strength)."""
-    with (run_dir / "manifest.csv").open(newline="") as file:
-        return sorted(csv.DictReader(file), key=lambda row: int(row["index"]))
-
-
-def fail_batches_with(monkeypatch: pytest.MonkeyPatch, index: int, message: str) -> None:
-    """Make rendering fail, as a GPU running out of memory would, for the batch that holds
-    job `index` (run with --batch-size 1 to fail that job alone)."""
-    from batchgen.engine.img2img import Engine
-
-    real_render_batch = Engine.render_batch
-
-    def render_batch(self, jobs, inits, on_step=None):  # type: ignore[no-untyped-def]
-        if any(job.index == index for job in jobs):
-            raise RuntimeError(message)
-        return real_render_batch(self, jobs, inits, on_step)
-
-    monkeypatch.setattr(Engine, "render_batch", render_batch)
 
 
 def test_version_and_help_with_examples() -> None:
@@ -211,12 +162,12 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_the_size_remembered(
 def test_an_init_image_unreadable_at_run_time_fails_its_jobs_and_the_run_goes_on(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchgen.running import runner
+    from batchgen.running import render
 
     def unreadable(image: InitImage, size: tuple[int, int]) -> None:
         raise OSError(f"cannot read {image.path.name} (simulated)")
 
-    monkeypatch.setattr(runner, "prepared", unreadable)
+    monkeypatch.setattr(render, "prepared", unreadable)
     code, output = invoke("run", str(recipe), "--batch-size", "1")
 
     assert code == 1, output
@@ -271,21 +222,6 @@ def test_small_init_image_warning_is_printed_once_per_image(recipe: Path) -> Non
 def test_schema_is_json_for_editors() -> None:
     code, output = invoke("schema")
     assert code == 0 and json.loads(output)["title"] == "batchgen recipe"
-
-
-def imports_torch(*args: str) -> bool:
-    """Whether `batchgen ARGS` (which must succeed) imports torch or diffusers, in a fresh
-    interpreter: the commands that only read files must answer without that second of wait."""
-    probe = (
-        "import sys\nfrom batchgen.cli import main\n"
-        f"try:\n    main({list(args)!r})\nexcept SystemExit as exit:\n"
-        "    assert exit.code in (0, None), exit.code\n"
-        "print('torch' in sys.modules or 'diffusers' in sys.modules)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
-    )
-    return result.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_validate_does_not_import_torch(recipe: Path) -> None:

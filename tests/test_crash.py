@@ -39,7 +39,7 @@ import pytest
 from PIL import Image
 
 from batchgen.store.manifest import Manifest, ManifestRow
-from tests.test_cli import gradient
+from tests.helpers import gradient
 
 # 2 prompts x 2 strengths x `seeds` seeds; every job takes denoising steps.
 RECIPE = """

@@ -17,7 +17,7 @@ from batchgen.engine.img2img import Engine, NonFiniteImageError
 from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import Job, StepsMode
 from batchgen.models.source import ModelSource
-from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
+from tests.helpers import DRAWING_HEIGHT, DRAWING_WIDTH
 
 SIZE = (DRAWING_WIDTH, DRAWING_HEIGHT)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -28,7 +28,7 @@ from batchgen.recipe.load import load_recipe
 from batchgen.recipe.problems import RecipeError
 from batchgen.running.runner import run
 from batchgen.store.manifest import Manifest
-from tests.test_cli import RECIPE, write_recipe
+from tests.helpers import RECIPE, write_recipe
 
 
 def recipe_for(tmp_path: Path, model: str) -> Path:

@@ -13,7 +13,7 @@ from batchgen.engine.images import PreparedImage
 from batchgen.engine.img2img import Engine
 from batchgen.jobs.matrix import expand
 from batchgen.recipe.load import load_recipe
-from tests.test_cli import fail_batches_with, invoke, manifest, write_recipe
+from tests.helpers import fail_batches_with, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,8 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from batchgen.engine import init_images
 from batchgen.engine.images import PreparedImage
 from batchgen.jobs.job import InitImage
-from tests.test_cli import gradient, invoke, manifest, write_recipe
-from tests.test_inpainting import init_image
+from tests.helpers import gradient, init_image, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from batchgen.engine.images import PreparedImage, prepare, read_header
+from batchgen.engine.images import PreparedImage, prepare
 from batchgen.engine.img2img import Engine
 from batchgen.engine.masks import latent_mask, redraw_mask
-from batchgen.jobs.job import InitImage, Job
+from batchgen.jobs.job import Job
 from batchgen.models.source import ModelSource, resolve_model
-from tests.test_cli import invoke, manifest, write_recipe
+from tests.helpers import init_image, invoke, manifest, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,11 +33,6 @@ def holed_picture(path: Path, hidden: tuple[int, int, int], alpha_in_hole: int =
     ImageDraw.Draw(image).rectangle(HOLE, fill=(*hidden, alpha_in_hole))
     image.save(path)
     return path
-
-
-def init_image(path: Path) -> InitImage:
-    header = read_header(path)
-    return InitImage(path, path.name, header.sha256, header.width, header.height, header.has_alpha)
 
 
 def on(job: Job, path: Path, **changes: object) -> Job:

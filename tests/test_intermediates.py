@@ -29,7 +29,7 @@ from batchgen.views.intermediates import (
     approximate_rgb,
     write_strip,
 )
-from tests.conftest import DRAWING_HEIGHT, DRAWING_WIDTH
+from tests.helpers import DRAWING_HEIGHT, DRAWING_WIDTH
 
 WIDTH, HEIGHT = DRAWING_WIDTH, DRAWING_HEIGHT  # latents 8 × 12
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -35,6 +35,7 @@ from batchgen.models.source import (
     resolve_model,
     resolve_vae,
 )
+from tests.helpers import gradient
 
 TINY_DIR = BUILTIN_DIR / "tiny"
 FLOAT32 = torch.float32
@@ -349,7 +350,6 @@ def test_an_sd2_checkpoint_loads_as_768_v_with_a_warning_unless_config_says(
     """SD 2.x base and 768-v checkpoints have the same tensor shapes: batchgen says which it
     assumed, and `config:` chooses."""
     from batchgen.recipe.load import load_recipe
-    from tests.test_cli import gradient
 
     sd2_checkpoint(tmp_path / "sd21.safetensors")
     (tmp_path / "pictures").mkdir()
@@ -371,7 +371,6 @@ def test_an_sd2_checkpoint_loads_as_768_v_with_a_warning_unless_config_says(
 def test_an_unknown_config_is_reported_at_config(tmp_path: Path) -> None:
     from batchgen.recipe.load import load_recipe
     from batchgen.recipe.problems import RecipeError
-    from tests.test_cli import gradient
 
     sd2_checkpoint(tmp_path / "sd21.safetensors")
     (tmp_path / "pictures").mkdir()
@@ -434,7 +433,6 @@ def test_a_vae_override_is_named_in_the_pngs_a1111_parameters(
     the model's keys, so that A1111 and its readers know which VAE made the image."""
     import batchgen
     from batchgen.store.manifest import Manifest
-    from tests.test_cli import gradient
 
     path = write_vae_file(tmp_path / "kl-f8.safetensors")
     (tmp_path / "pictures").mkdir()
@@ -540,7 +538,6 @@ def test_a_recipe_on_the_single_file_makes_the_folder_model_s_pixels(
 ) -> None:
     import batchgen
     from batchgen.store.manifest import Manifest
-    from tests.test_cli import gradient
 
     (tmp_path / "pictures").mkdir()
     gradient(tmp_path / "pictures" / "gradient.png")
@@ -570,7 +567,6 @@ def test_vae_override_is_in_the_job_id_and_a_missing_variant_is_bad_input(
     from batchgen.cli import main
     from batchgen.jobs.matrix import expand
     from batchgen.recipe.load import load_recipe
-    from tests.test_cli import gradient
 
     (tmp_path / "pictures").mkdir()
     gradient(tmp_path / "pictures" / "gradient.png")

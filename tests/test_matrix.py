@@ -8,7 +8,7 @@ import pytest
 
 from batchgen.jobs.matrix import check, expand
 from batchgen.recipe.load import load_recipe
-from tests.test_recipe import write
+from tests.helpers import write
 
 BASE = """
 init_images: pictures/red.png

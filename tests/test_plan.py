@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from batchgen.cli import _PLAN_COLUMNS
 from batchgen.jobs import plan as plan_module
 from batchgen.jobs.job import Job
 from batchgen.jobs.plan import make_plan, summarize_plan
 from batchgen.recipe.load import load_recipe
 from batchgen.store.manifest import Manifest
-from tests.test_cli import invoke, write_recipe
-from tests.test_resume import RECIPE  # four jobs, each with denoising steps
+from batchgen.views.plan_table import PLAN_COLUMNS
+from tests.helpers import RESUME_RECIPE, invoke, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_a_summary_is_the_whole_plan_tallied(tmp_path: Path) -> None:
     """Done jobs, a missing image, new jobs whose names an old row claims, and
     rows outside the recipe: the one-pass summary says what the whole plan says."""
-    recipe = write_recipe(tmp_path, RECIPE)
+    recipe = write_recipe(tmp_path, RESUME_RECIPE)
     code, output = invoke("run", str(recipe), "--batch-size", "1")
     assert code == 0, output
     min((tmp_path / "out" / "images").glob("*.png")).unlink()
@@ -32,8 +31,8 @@ def test_a_summary_is_the_whole_plan_tallied(tmp_path: Path) -> None:
     # axis: cfg is not in an image's name, so new jobs get names that old rows claim.
     recipe.write_text("cfg: [3, 7.5]\n" + recipe.read_text().replace("[0.5, 0.75]", "[0.5, 0.9]"))
     edited = load_recipe(recipe)
-    whole = make_plan(edited, "float32").summarize(keep=6, columns=_PLAN_COLUMNS)
-    streamed = summarize_plan(edited, "float32", keep=6, columns=_PLAN_COLUMNS)
+    whole = make_plan(edited, "float32").summarize(keep=6, columns=PLAN_COLUMNS)
+    streamed = summarize_plan(edited, "float32", keep=6, columns=PLAN_COLUMNS)
     assert streamed == whole
     assert (streamed.total, streamed.count("done"), streamed.count("todo")) == (8, 1, 7)
     assert len(streamed.outside) == 2
@@ -46,7 +45,9 @@ def test_a_summary_holds_only_the_jobs_it_shows(
 ) -> None:
     """A recipe of any size is summarized in memory that does not grow with it: each job
     is dropped once counted, but for the first rows that `plan` prints."""
-    recipe = write_recipe(tmp_path, RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 100}"))
+    recipe = write_recipe(
+        tmp_path, RESUME_RECIPE.replace("seeds: [7]", "seeds: {start: 1, count: 100}")
+    )
     made: list[weakref.ref[Job]] = []
     expand = plan_module.expand
 
@@ -56,7 +57,7 @@ def test_a_summary_holds_only_the_jobs_it_shows(
             yield job
 
     monkeypatch.setattr(plan_module, "expand", watched)
-    summary = summarize_plan(load_recipe(recipe), "float32", keep=5, columns=_PLAN_COLUMNS)
+    summary = summarize_plan(load_recipe(recipe), "float32", keep=5, columns=PLAN_COLUMNS)
     gc.collect()
     assert summary.total == len(made) == 400
     assert sum(ref() is not None for ref in made) == 5
@@ -67,7 +68,7 @@ def test_planning_reads_each_done_image_of_the_recipe_once_and_no_other(
 ) -> None:
     """Checking that done images are unchanged reads them whole (on several threads): each
     image of a job in the recipe once, and none of the rows the recipe no longer has."""
-    recipe = write_recipe(tmp_path, RECIPE)
+    recipe = write_recipe(tmp_path, RESUME_RECIPE)
     code, output = invoke("run", str(recipe))
     assert code == 0, output
     recipe.write_text(recipe.read_text().replace("[0.5, 0.75]", "[0.5, 0.9]"))
@@ -83,7 +84,7 @@ def test_planning_reads_each_done_image_of_the_recipe_once_and_no_other(
     monkeypatch.setattr(plan_module, "file_sha256", recording)
     for plan_it in (
         lambda: make_plan(edited, "float32"),
-        lambda: summarize_plan(edited, "float32", columns=_PLAN_COLUMNS),
+        lambda: summarize_plan(edited, "float32", columns=PLAN_COLUMNS),
     ):
         read.clear()
         plan = plan_it()

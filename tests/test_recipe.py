@@ -11,8 +11,8 @@ from batchgen.jobs.matrix import check
 from batchgen.recipe.load import load_recipe
 from batchgen.recipe.problems import RecipeError
 from batchgen.recipe.schema import recipe_json_schema
+from tests.helpers import DATA, write
 
-DATA = Path(__file__).parent / "data"
 BAD_RECIPES = sorted((DATA / "bad_recipes").glob("*.yaml"))
 EXPECT = re.compile(r"^# expect: (\d*): ([^:]*): (.+)$")
 
@@ -38,17 +38,6 @@ def test_bad_recipe_is_reported_with_file_line_field_and_hint(path: Path) -> Non
         assert problem.startswith(where + (f"{field}: " if field else "")), problem
         for text in texts.split(" | "):
             assert text in problem, problem
-
-
-def write(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
-    pictures = folder / "pictures"
-    pictures.mkdir(exist_ok=True)
-    for picture in (DATA / "pictures").glob("*.png"):
-        if picture.stem in ("red", "blue-wide"):
-            (pictures / picture.name).write_bytes(picture.read_bytes())
-    path = folder / name
-    path.write_text(text)
-    return path
 
 
 def test_scalars_lists_and_both_range_forms(tmp_path: Path) -> None:

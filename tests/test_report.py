@@ -27,7 +27,7 @@ from batchgen.store.files import write_lock_file
 from batchgen.store.images import a1111_parameters, write_image
 from batchgen.store.manifest import Manifest, ManifestRow, NotARunFolderError
 from batchgen.views.report import REPORT_NAME, write_report
-from tests.test_store import INIT, JOB, gradient, make_job, make_row
+from tests.helpers import INIT, JOB, gradient_image, make_job, make_row
 
 PROMPTS = ("fire", "cheery open fire, photograph")
 STRENGTHS = (0.4, 0.7)
@@ -98,7 +98,7 @@ def make_run(
         else:
             row = make_row(job)
             parameters = a1111_parameters(job, "tiny", "0123456789")
-            write_image(gradient(), run_dir / row.path, job, parameters)
+            write_image(gradient_image(), run_dir / row.path, job, parameters)
         manifest.append(row)
         rows.append(row)
     return rows
@@ -434,7 +434,7 @@ def test_manifest_paths_outside_the_run_folder_are_not_linked(tmp_path: Path) ->
     run_dir = tmp_path / "run"
     (run_dir / "images").mkdir(parents=True)
     secret = tmp_path / "secret.png"
-    gradient().save(secret)
+    gradient_image().save(secret)
     Manifest(run_dir).append(make_row(path="../secret.png"))
     Manifest(run_dir).append(make_row(make_job(seed=2), path=str(secret)))
 

@@ -17,32 +17,9 @@ from PIL import Image
 from batchgen.store.files import LOCK_FILE_NAME
 from batchgen.store.manifest import Manifest
 from batchgen.store.runlock import RunLock
-from tests.test_cli import fail_batches_with, invoke, manifest, write_recipe
+from tests.helpers import fail_batches_with, invoke, manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-# Four jobs that all take denoising steps, so that each has an image of its own making.
-RECIPE = """
-name: resume
-init_images: [pictures/gradient.png]
-prompts: [fire, "cheery open fire, photograph"]
-strength: [0.5, 0.75]
-steps: 4
-seeds: [7]
-"""
-
-
-@pytest.fixture
-def recipe(tmp_path: Path) -> Path:
-    return write_recipe(tmp_path, RECIPE, "resume")
-
-
-@pytest.fixture
-def done(recipe: Path) -> Path:
-    """The run folder after a complete run of `recipe`."""
-    code, output = invoke("run", str(recipe))
-    assert code == 0, output
-    return recipe.parent / "out"
 
 
 def images(run_dir: Path) -> dict[str, bytes]:

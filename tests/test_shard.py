@@ -30,7 +30,7 @@ from batchgen.jobs.shard import (
 from batchgen.recipe.load import load_recipe
 from batchgen.running.runner import RunResult, run
 from batchgen.store.manifest import Manifest
-from tests.test_cli import RECIPE, gradient, invoke
+from tests.helpers import RECIPE, gradient, invoke, write, write_recipe
 
 SWEEP = """
 init_images: pictures/red.png
@@ -42,8 +42,6 @@ seeds: {start: 1, count: 8}
 
 
 def jobs(tmp_path: Path, text: str = SWEEP):
-    from tests.test_recipe import write
-
     return list(expand(load_recipe(write(tmp_path, text)), "float32"))
 
 
@@ -143,8 +141,6 @@ seeds: [1, 2, 3]
 def slurm_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in [n for n in os.environ if n.startswith(("SLURM_", "WORLD_SIZE", "RANK"))]:
         monkeypatch.delenv(name)
-    from tests.test_cli import write_recipe
-
     return write_recipe(tmp_path, SLURM_SWEEP, name="array")
 
 

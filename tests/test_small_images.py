@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from batchgen.engine.images import upscaled_size
-from tests.test_cli import invoke, manifest, write_recipe
+from tests.helpers import invoke, manifest, write_recipe
 
 RECIPE = """
 init_images: [pictures/gradient.png]

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 
 from batchgen.store.runlock import RunLock
-from tests.test_cli import fail_batches_with, imports_torch, invoke
-from tests.test_resume import done, recipe  # noqa: F401 — fixtures
+from tests.helpers import fail_batches_with, imports_torch, invoke
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_status_counts_failures_time_and_what_is_left(
-    recipe: Path,  # noqa: F811
+    recipe: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fail_batches_with(monkeypatch, 3, "CUDA out of memory (simulated)")
@@ -30,8 +29,8 @@ def test_status_counts_failures_time_and_what_is_left(
 
 
 def test_status_names_a_run_in_progress_and_jobs_no_longer_in_the_recipe(
-    recipe: Path,  # noqa: F811
-    done: Path,  # noqa: F811
+    recipe: Path,
+    done: Path,
 ) -> None:
     recipe.write_text(recipe.read_text().replace("strength: [0.5, 0.75]", "strength: 0.5"))
     with RunLock(done / ".locks" / "run.lock"):
@@ -47,5 +46,5 @@ def test_status_of_a_folder_that_is_no_run_is_bad_input(tmp_path: Path) -> None:
     assert code == 2 and "is not a batchgen run folder" in output
 
 
-def test_status_does_not_import_torch(done: Path) -> None:  # noqa: F811
+def test_status_does_not_import_torch(done: Path) -> None:
     assert not imports_torch("status", str(done))

@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 
 from batchgen import __version__
-from batchgen.jobs.job import InitImage, Job
 from batchgen.store.files import RunLog, write_lock_file, write_png_atomically
 from batchgen.store.images import a1111_parameters, image_filename, job_record, write_image
 from batchgen.store.manifest import (
@@ -29,61 +28,13 @@ from batchgen.store.manifest import (
     ManifestError,
     ManifestRow,
 )
+from tests.helpers import INIT, JOB, gradient_image, make_job, make_row
 
-INIT = InitImage(
-    path=Path("/recipes/pictures/fire-drawing.png"),
-    label="pictures/fire-drawing.png",
-    sha256="ab" * 32,
-    width=512,
-    height=512,
-)
-JOB = Job(
-    index=3,
-    init_image=INIT,
-    prompt="fire",
-    negative_prompt="",
-    strength=0.4,
-    steps=10,
-    steps_mode="nominal",
-    cfg=7.5,
-    seed=1592514025,
-    scheduler="k_lms",
-    width=384,
-    height=384,
-    fit=True,
-    model="builtin:tiny@0123456789abcdef",
-    dtype="float32",
-    model_name="tiny",
-)
 SETTINGS = (
     "Steps: 10, Sampler: LMS, CFG scale: 7.5, Seed: 1592514025, Size: 384x384, "
     f"Model hash: 0123456789, Model: tiny, Denoising strength: 0.4, Version: batchgen {__version__}"
 )
 FILENAME_PATTERN = re.compile(r"\d{4,}-[a-z0-9-]+-[a-z0-9-]+-f\d\.\d\d-s\d+-S\d+\.png")
-
-
-def make_job(**changes: object) -> Job:
-    return dataclasses.replace(JOB, **changes)  # type: ignore[arg-type]
-
-
-def make_row(job: Job = JOB, **changes: object) -> ManifestRow:
-    row = ManifestRow.from_job(
-        job,
-        status="done",
-        path=f"images/{image_filename(job, 4)}",
-        model_hash="0123456789",
-        device="cpu",
-        seconds=1.25,
-        sha256="cd" * 32,
-        error="",
-    )
-    return dataclasses.replace(row, **changes)  # type: ignore[arg-type]
-
-
-def gradient(size: int = 16) -> Image.Image:
-    image = Image.new("RGB", (size, size))
-    image.putdata([(x * 16, y * 16, (x + y) * 8) for y in range(size) for x in range(size)])
-    return image
 
 
 # --- file names --------------------------------------------------------------------------
@@ -168,7 +119,7 @@ def test_png_carries_a1111_parameters_readable_by_pillow(tmp_path: Path) -> None
     parameters = a1111_parameters(job, "tiny", "0123456789")
     path = tmp_path / "images" / image_filename(job, 4)
 
-    write_image(gradient(), path, job, parameters)
+    write_image(gradient_image(), path, job, parameters)
 
     with Image.open(path) as image:
         texts = dict(image.text)  # type: ignore[attr-defined]
@@ -184,7 +135,7 @@ def test_png_carries_a1111_parameters_readable_by_pillow(tmp_path: Path) -> None
 def test_write_image_is_atomic_and_returns_the_file_sha256(tmp_path: Path) -> None:
     path = tmp_path / "images" / "0003-a.png"
 
-    sha256 = write_image(gradient(), path, JOB, "fire")
+    sha256 = write_image(gradient_image(), path, JOB, "fire")
 
     assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sorted(os.listdir(path.parent)) == ["0003-a.png"]
@@ -192,7 +143,7 @@ def test_write_image_is_atomic_and_returns_the_file_sha256(tmp_path: Path) -> No
 
 def test_pngs_are_compressed_at_zlibs_fastest_level(tmp_path: Path) -> None:
     # Encoding at Pillow's default level 6 took as long as a small model's render step.
-    data = write_png_atomically(gradient(), tmp_path / "a.png")
+    data = write_png_atomically(gradient_image(), tmp_path / "a.png")
 
     idat = data.index(b"IDAT") + len(b"IDAT")
     compression_method, flags = data[idat], data[idat + 1]
@@ -204,8 +155,8 @@ def test_same_image_and_parameters_give_identical_bytes(tmp_path: Path) -> None:
     first = tmp_path / "first.png"
     second = tmp_path / "second.png"
 
-    assert write_image(gradient(), first, JOB, "fire") == write_image(
-        gradient(), second, JOB, "fire"
+    assert write_image(gradient_image(), first, JOB, "fire") == write_image(
+        gradient_image(), second, JOB, "fire"
     )
     assert first.read_bytes() == second.read_bytes()
 
@@ -220,7 +171,7 @@ def test_failed_image_write_leaves_neither_temp_nor_final_file(
     path = tmp_path / "images" / "0003-a.png"
 
     with pytest.raises(OSError, match="No space left"):
-        write_image(gradient(), path, JOB, "fire")
+        write_image(gradient_image(), path, JOB, "fire")
 
     assert os.listdir(path.parent) == []
 
@@ -229,7 +180,7 @@ def test_rewriting_an_image_replaces_it_whole(tmp_path: Path) -> None:
     path = tmp_path / "0003-a.png"
     write_image(Image.new("RGB", (8, 8), "red"), path, JOB, "old")
 
-    write_image(gradient(), path, JOB, "new")
+    write_image(gradient_image(), path, JOB, "new")
 
     with Image.open(path) as image:
         assert image.text["parameters"] == "new"  # type: ignore[attr-defined]

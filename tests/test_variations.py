@@ -18,8 +18,13 @@ from batchgen.engine.variations import slerp
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import expand, variation_seed
 from batchgen.recipe.load import load_recipe
-from tests.test_batching import BATCH_TOLERANCE_LEVELS, max_level_difference
-from tests.test_cli import invoke, manifest, write_recipe
+from tests.helpers import (
+    BATCH_TOLERANCE_LEVELS,
+    invoke,
+    manifest,
+    max_level_difference,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -22,7 +22,7 @@ from batchgen.store.files import IMAGES_DIR
 from batchgen.store.images import a1111_parameters, image_filename, write_image
 from batchgen.store.manifest import Manifest, ManifestRow
 from batchgen.views.verify import Tolerance, verify_run
-from tests.test_cli import imports_torch
+from tests.helpers import imports_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT = 32, 24

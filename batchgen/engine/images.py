@@ -18,7 +18,7 @@ from batchgen.errors import BatchgenError
 
 # Beyond this many pixels an init image is refused before decoding (decompression bombs).
 MAX_INIT_PIXELS = 64 * 1024 * 1024
-# The seed doc: img2img "does not work properly on initial images smaller than 512x512".
+# IMG2IMG.md: img2img "does not work properly on initial images smaller than 512x512".
 SMALL_IMAGE_SIDE = 512
 LATENT_FACTOR = 8  # SD's VAE downsamples 8×; sizes must be multiples of it
 

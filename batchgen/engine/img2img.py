@@ -164,9 +164,9 @@ class Engine:
     ) -> list[PIL.Image.Image]:
         """Each job's image, in order, the jobs that take steps denoised together in one loop
         (they must share a `batch_key`). On the CPU each image is the job's alone within one
-        8-bit level (the UNet sums in another order for another batch size; measured in
-        tests/test_batching.py), and a batch of one is exactly the pipeline's. Strength-0
-        jobs return their init image unchanged and take no place in the loop.
+        8-bit level (the UNet sums in another order for another batch size;
+        tests/test_batching.py checks it), and a batch of one is exactly the pipeline's.
+        Strength-0 jobs return their init image unchanged and take no place in the loop.
 
         `on_step` sees the whole batch's latents; `IntermediatesRecorder` keeps the first
         sample's only, so jobs with intermediates are rendered in batches of one.
@@ -182,7 +182,7 @@ class Engine:
                 on_step,
             )
             denoised = dict(zip(to_denoise, VaeImageProcessor.numpy_to_pil(pixels), strict=True))
-        # Strength 0 "keeps the original intact" (seed doc); diffusers would fail there.
+        # Strength 0 "keeps the original intact" (IMG2IMG.md); diffusers would fail there.
         images = [
             denoised[index] if index in denoised else init.rgb.copy()
             for index, init in enumerate(inits)

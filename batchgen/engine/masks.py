@@ -1,6 +1,6 @@
 """Inpainting masks: where a job redraws its init image and where it keeps it.
 
-The seed doc: when an init image has transparent regions, only those are redrawn, starting
+As IMG2IMG.md says, when an init image has transparent regions only those are redrawn, starting
 from the colour under them (which `images.prepare` keeps). A mask file may say the same for
 every init image: white (or, when it has transparency, transparent) is redrawn, black kept —
 AUTOMATIC1111's convention for a plain mask, InvokeAI's for a transparent one.

@@ -14,15 +14,12 @@ from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import Job
 
 MAX_BATCH_SIZE = 16  # a power of two: see shard_unit
-# On the CPU a batch pays off only while its latents are small. builtin:tiny on a 2-core box,
-# k_lms at cfg 7.5, 2 threads, images/s against smaller batches, with the decode split as
-# below: 64×64 ×2.5–3 at 8–16 over 1; 128×128 ×1.13–1.23 at 8, no more at 16, over 4;
-# 256×256 ×1.13–1.30 at 4, less at 8, over 1. This budget gives 16 at 64 and 128 px, 4 at
-# 256 px and 1 from 512 px.
+# On the CPU a batch pays off only while its latents are small: the larger the images, the less
+# a bigger batch adds to images per second. This budget gives 16 at 64 and 128 px, 4 at 256 px
+# and 1 from 512 px.
 CPU_BATCH_PIXELS = 512 * 512
 # The VAE decoder's cost per image grows with the batch on the CPU once its activations leave
-# the caches (256 px: ×1.8 per image at 4), so the engine decodes at most this many pixels in
-# one call there.
+# the caches, so the engine decodes at most this many pixels in one call there.
 CPU_DECODE_PIXELS = 256 * 256
 
 
@@ -90,7 +87,8 @@ def auto_batch_size(
     The CPU: the pixel budget above, a deterministic rule, so that resumed runs batch alike.
     CUDA: the largest size up to MAX_BATCH_SIZE, halving, for which `fits(size)` is true (the
     engine's `probe_cuda_batch_size` tries a render and catches running out of memory); a GPU
-    is faster with every sample it can hold. Anything else (MPS): 1, as nothing was measured.
+    is faster with every sample it can hold. Anything else (MPS): 1, as no other size is known to
+    pay off there.
     """
     if device == "cpu":
         fitting = max(1, min(CPU_BATCH_PIXELS // (width * height), MAX_BATCH_SIZE))

@@ -38,7 +38,7 @@ def nominal_steps(steps: int, strength: float, mode: StepsMode) -> int:
     """The step count handed to the scheduler.
 
     In `nominal` mode that is `steps` as written. In `effective` mode it is the smallest count
-    for which the denoiser takes exactly `steps` (the seed doc's 20 ÷ 0.4 = 50).
+    for which the denoiser takes exactly `steps` (IMG2IMG.md's 20 ÷ 0.4 = 50).
     """
     if mode == "nominal" or strength <= 0.0:
         return steps
@@ -116,7 +116,8 @@ class Job:
             "clip_skip": self.clip_skip,
             "vae": self.vae,
         }
-        # Only when used, so that jobs without them keep the ids they always had.
+        # Only when used, so that a job without them has the same id in every version, whichever
+        # fields a version adds.
         if self.variations:
             fields["variations"] = [list(pair) for pair in self.variations]
         if self.inpaints:

@@ -313,7 +313,7 @@ def hub_cache_dir() -> Path:
 
 
 def _resolve_hub(repo_id: str, not_a_folder: Path) -> ModelSource:
-    # Imported here: it costs a quarter second, which builtin and folder models never pay.
+    # Imported here: its import is slow, and builtin and folder models never need it.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

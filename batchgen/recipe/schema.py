@@ -247,7 +247,7 @@ class RecipeFile(_Strict):
     upscale_small: StrictBool = Field(
         default=False,
         description="Scale init images smaller than the model's native size (512 for SD 1.x) up "
-        "to it before encoding (the seed doc: img2img misbehaves below it)",
+        "to it before encoding (IMG2IMG.md: img2img misbehaves below it)",
     )
     keep_size: StrictBool = Field(
         default=False, description="With upscale_small: scale each output back down to its size"

@@ -8,22 +8,14 @@ command again finishes the rest.
 
 from __future__ import annotations
 
-import itertools
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Literal
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from batchgen.engine.devices import (
     NO_FAST_PATHS,
-    FastPathFailedError,
     FastPaths,
     check_device,
     guess_device,
@@ -32,21 +24,29 @@ from batchgen.engine.devices import (
     slurm_cpu_threads,
     use_cpu_threads,
 )
-from batchgen.engine.images import SMALL_IMAGE_SIDE, PreparedImage
-from batchgen.engine.init_images import InitImagePrefetcher, prepared
-from batchgen.errors import BatchgenError
-from batchgen.jobs.batching import MAX_BATCH_SIZE, auto_batch_size, make_batches
+from batchgen.engine.images import SMALL_IMAGE_SIDE
+from batchgen.engine.init_images import InitImagePrefetcher
+from batchgen.errors import BadInputError
+from batchgen.jobs.batching import MAX_BATCH_SIZE
 from batchgen.jobs.job import Job
 from batchgen.jobs.matrix import DEFAULT_MAX_JOBS, check
 from batchgen.jobs.plan import Plan, PlannedJob, Redo, make_plan
 from batchgen.jobs.shard import Shard, shard_from_environment
-from batchgen.models.source import ModelSource
 from batchgen.recipe.load import Recipe, load_recipe
 from batchgen.recipe.problems import RecipeError
 from batchgen.running.progress import Reporter, make_reporter
 from batchgen.running.recipe_changes import lock_changes
+from batchgen.running.render import (
+    BatchRenderer,
+    BatchSize,
+    EngineHook,
+    EngineLoader,
+    RunOptions,
+    planned_batches,
+)
 from batchgen.running.resume import orphans, remove_temp_files
-from batchgen.running.writer import FinishedJob, ImageWriter, StorageError, strip_path
+from batchgen.running.signals import EXIT_INTERRUPTED, stop_on_signals
+from batchgen.running.writer import ImageWriter, StorageError, strip_path
 from batchgen.store.files import (
     PNG_COMPRESS_LEVEL,
     PNG_COMPRESS_LEVELS,
@@ -58,33 +58,10 @@ from batchgen.store.files import (
 from batchgen.store.manifest import Manifest, ManifestRow
 from batchgen.store.runlock import LOCKS_DIR, RunLock
 from batchgen.views.grid import make_run_grids
-from batchgen.views.intermediates import IntermediatesRecorder
 from batchgen.views.report import write_report
 
 if TYPE_CHECKING:
-    from batchgen.engine.img2img import Engine
-
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class BadInputError(BatchgenError):
-    """Input that is not the recipe's fault but still the user's to fix (e.g. `--device`)."""
-
-
-BatchSize = int | Literal["auto"]
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    fail_fast: bool
-    batch_size: BatchSize  # jobs per denoising loop, or "auto": see batching.auto_batch_size
-    fast_paths: FastPaths
-    png_compression: int  # the images' zlib level: see store.PNG_COMPRESS_LEVEL
-    on_engine: EngineHook | None = None
-
-
-# Called with each engine as it loads, before it renders (a benchmark instruments its models).
-EngineHook = Callable[["Engine"], None]
+    pass
 
 
 @dataclass(frozen=True)
@@ -105,37 +82,6 @@ class RunResult:
         return 1 if self.failed or self.storage_error else 0
 
 
-class _StopRequest:
-    """Set by SIGINT/SIGTERM; the loop checks it between images. A second Ctrl-C aborts."""
-
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
-        self.signal: int | None = None
-
-    def handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.reporter.message(
-            f"{signal.Signals(signum).name}: stopping after the current batch "
-            "(press Ctrl-C again to abort it)"
-        )
-
-
-@contextmanager
-def _stop_on_signals(reporter: Reporter) -> Iterator[_StopRequest]:
-    request = _StopRequest(reporter)
-    if threading.current_thread() is not threading.main_thread():
-        yield request  # signal handlers can only be installed from the main thread
-        return
-    previous = {sig: signal.signal(sig, request.handle) for sig in EXIT_INTERRUPTED}
-    try:
-        yield request
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
     """The seed doc's warning, once per init image rendered below 512 px rather than once
     per job."""
@@ -145,184 +91,6 @@ def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
             f"warning: {image.label} renders at {job.width}x{job.height}; img2img does not work "
             "properly below 512x512 — for a real model, scale it up or set `upscale_small: true`"
         )
-
-
-class _BatchRenderer:
-    """Renders a batch in one denoising loop. A failure fails each of its jobs: the error is
-    recorded in their rows and the run goes on.
-
-    A batch that runs out of GPU memory (the auto probe's trial can fit where a real batch,
-    with other prompts or after fragmentation, does not) is split in halves and rendered
-    again, and the size that ran out is remembered for its shape (size and guidance): later
-    batches of that shape are split before they are tried. The manifest records the size each
-    job was rendered at.
-
-    Feedback iterations start from their parent job's image: this run's, kept in memory until
-    used, or a done one's file (a resumed chain goes on from its last finished image). A job
-    whose parent failed fails too; a re-run retries both."""
-
-    def __init__(self, plan: Plan, reporter: Reporter) -> None:
-        self.plan = plan
-        self.intermediates = plan.recipe.intermediates
-        self.reporter = reporter
-        self.limits: dict[tuple[int, int, bool], int] = {}  # shape → largest size to try
-        self.by_id = {planned.job.id: planned for planned in plan.jobs}
-        self.parents = {planned.job.parent_id for planned in plan.jobs if planned.job.parent_id}
-        self.parent_images: dict[str, Image.Image] = {}
-
-    def render(
-        self, engine: Engine, model: ModelSource, batch: list[PlannedJob]
-    ) -> list[FinishedJob]:
-        inits = {planned.job.id: self._init(planned.job) for planned in batch}
-        finished = self._render(engine, model, batch, inits)
-        for job in finished:
-            if job.image is not None and job.planned.job.id in self.parents:
-                self.parent_images[job.planned.job.id] = job.image
-        for planned in batch:  # each parent has one child: its image is used
-            self.parent_images.pop(planned.job.parent_id, None)
-        return finished
-
-    def _render(
-        self,
-        engine: Engine,
-        model: ModelSource,
-        batch: list[PlannedJob],
-        inits: dict[str, PreparedImage | str],
-    ) -> list[FinishedJob]:
-        first = batch[0].job
-        shape = (first.width, first.height, first.cfg > 1)
-        limit = self.limits.get(shape, len(batch))
-        if len(batch) > limit:
-            return [
-                finished
-                for start in range(0, len(batch), limit)
-                for finished in self._render(engine, model, batch[start : start + limit], inits)
-            ]
-        started = time.perf_counter()
-        jobs = [planned.job for planned in batch]
-        recorder = None
-        images: list[Image.Image | None] = [None] * len(jobs)
-        try:
-            prepared = [inits[job.id] for job in jobs]
-            if missing := next((init for init in prepared if isinstance(init, str)), None):
-                raise InitImageUnavailableError(f"a job of this batch cannot start: {missing}")
-            if self.intermediates and jobs[0].steps_taken:  # batches of one: Engine.render_batch
-                recorder = IntermediatesRecorder(
-                    engine, mode=self.intermediates.mode, x0=self.intermediates.x0
-                )
-            images = list(engine.render_batch(jobs, prepared, recorder))  # type: ignore[arg-type]
-            error = ""
-        except FastPathFailedError:
-            raise  # not this batch's fault: every batch would fail alike
-        except Exception as failure:  # noqa: BLE001 — any failure of a job is recorded, not fatal
-            error = f"{type(failure).__name__}: {failure}"
-            out_of_memory = len(batch) > 1 and _out_of_memory(failure)
-        else:
-            out_of_memory = False
-        if out_of_memory:  # retried here, not in `except`: its traceback holds the failed
-            # attempt's frames, and with them its tensors on the GPU
-            self.limits[shape] = len(batch) // 2
-            self.reporter.message(
-                f"a batch of {len(batch)} at {first.width}x{first.height} ran out of GPU "
-                f"memory: batches of {len(batch) // 2} from now on"
-            )
-            return self._render(engine, model, batch, inits)
-        seconds = (time.perf_counter() - started) / len(jobs)
-        frames = (tuple(recorder.frames), recorder.note) if recorder and not error else ((), "")
-        return [
-            FinishedJob(
-                planned,
-                model,
-                self.plan.recipe.vae,
-                image,
-                error,
-                seconds,
-                engine.device_label,
-                len(batch),
-                str(engine.fast_paths),
-                *frames,
-            )
-            for planned, image in zip(batch, images, strict=True)
-        ]
-
-    def _init(self, job: Job) -> PreparedImage | str:
-        """The job's init image as prepared pixels; for a feedback iteration its parent's
-        image (with the original's transparency, so the chain redraws the same region). Or
-        why there is none: the job then fails, and the run goes on."""
-        try:
-            init = prepared(job.init_image, (job.width, job.height))
-            if not job.parent_id:
-                return init
-            image = self.parent_images.get(job.parent_id)
-            if image is None:
-                parent = self.by_id[job.parent_id]
-                if parent.status != "done":
-                    return f"its parent job {job.parent_id[:8]} ({parent.job.index}) has no image"
-                with Image.open(self.plan.recipe.output / parent.path) as opened:
-                    image = opened.convert("RGB")
-        except Exception as failure:  # noqa: BLE001 — a file gone since the plan, unreadable…
-            return f"{type(failure).__name__}: {failure}"
-        if image.size != init.rgb.size:  # kept at its size by keep_size
-            image = image.resize(init.rgb.size, Image.Resampling.LANCZOS)
-        return PreparedImage(image, init.alpha)
-
-
-class InitImageUnavailableError(RuntimeError):
-    """A job's init image cannot be had: unreadable, or a feedback parent without an image."""
-
-
-def _out_of_memory(failure: Exception) -> bool:
-    import torch  # loaded with the engine by now
-
-    return isinstance(failure, torch.OutOfMemoryError)
-
-
-class _EngineLoader:
-    """One model in memory at a time: jobs come model by model (the model is the outermost
-    axis), so each model is loaded once. torch and diffusers are imported with the first."""
-
-    def __init__(
-        self, recipe: Recipe, device: str, dtype: str, options: RunOptions, reporter: Reporter
-    ) -> None:
-        self.vae = recipe.vae
-        self.variant = recipe.variant
-        self.device = device
-        self.dtype = dtype
-        self.fast_paths = options.fast_paths
-        self.on_engine = options.on_engine
-        self.reporter = reporter
-        self.model: ModelSource | None = None
-        self.engine: Engine | None = None
-
-    def load(self, model: ModelSource) -> Engine:
-        if self.engine is not None and model == self.model:
-            return self.engine
-        self.engine = None  # let the previous model go before the next one loads
-        from batchgen.engine.img2img import Engine
-
-        try:
-            engine = Engine(
-                model,
-                self.device,
-                self.dtype,
-                vae=self.vae,
-                variant=self.variant,
-                fast_paths=self.fast_paths,
-            )
-        except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
-            raise BadInputError(
-                f"cannot load model `{model.reference}` from {model.path}: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        self.model, self.engine = model, engine
-        if self.on_engine is not None:
-            self.on_engine(engine)
-        settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths))))
-        self.reporter.message(
-            f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
-            f"{engine.device_label} ({settings})"
-        )
-        return engine
 
 
 def run(
@@ -480,7 +248,7 @@ def _run_plan(
             f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(to_make)} to do, "
             f"{done_before} already done"
         )
-        engines = _EngineLoader(recipe, device, plan.dtype, options, reporter)
+        engines = EngineLoader(recipe, device, plan.dtype, options, reporter)
         try:
             made, failed, stopped_by = _make_images(
                 plan, to_make, manifest, engines, reporter, options
@@ -564,7 +332,7 @@ def _make_images(
     plan: Plan,
     to_make: list[PlannedJob],
     manifest: Manifest,
-    engines: _EngineLoader,
+    engines: EngineLoader,
     reporter: Reporter,
     options: RunOptions,
 ) -> tuple[int, int, int | None]:
@@ -585,12 +353,12 @@ def _make_images(
     writer = ImageWriter(
         recipe.output, manifest, reporter, 2 * MAX_BATCH_SIZE, options.png_compression
     )
-    renderer = _BatchRenderer(plan, reporter)
+    renderer = BatchRenderer(plan, reporter)
     prefetcher = InitImagePrefetcher()
-    with _stop_on_signals(reporter) as stop:
+    with stop_on_signals(reporter) as stop:
         try:
             try:
-                for batch, following in _batches(plan, engines, options.batch_size, wanted):
+                for batch, following in planned_batches(plan, engines, options.batch_size, wanted):
                     if stop.signal is not None:
                         break
                     model = recipe.model_of(batch[0].job)
@@ -615,63 +383,6 @@ def _make_images(
         finally:
             reporter.close()
     return writer.made, failed, stop.signal
-
-
-def _batches(
-    plan: Plan, engines: _EngineLoader, batch_size: BatchSize, wanted: set[str]
-) -> Iterator[tuple[list[PlannedJob], list[PlannedJob] | None]]:
-    """This process's batches with a job in `wanted`, model by model (the outermost axis),
-    each with the batch after it of the same model (None for the model's last: the next model
-    is not loaded yet). Formed from the whole matrix as a single run forms them (shards own
-    whole batches: shard.assign). With intermediates every batch holds one job: the recorder
-    follows a single sample."""
-    by_id = {planned.job.id: planned for planned in plan.jobs}
-    for model, group in itertools.groupby(plan.jobs, key=lambda p: plan.recipe.model_of(p.job)):
-        jobs = [planned.job for planned in group]
-        if not any(by_id[job.id].mine for job in jobs):
-            continue
-        if plan.recipe.intermediates:
-            size: int | Callable[[Job], int] = 1
-        elif batch_size == "auto":
-            size = _auto_size(engines, model)
-        else:
-            size = batch_size
-        batches = [
-            [by_id[job.id] for job in batch]
-            for batch in make_batches(jobs, size)
-            if by_id[batch[0].id].mine and any(job.id in wanted for job in batch)
-        ]
-        yield from zip(batches, [*batches[1:], None], strict=True)
-
-
-def _auto_size(engines: _EngineLoader, model: ModelSource) -> Callable[[Job], int]:
-    """`--batch-size auto`: by rule on the CPU; on a GPU, measured once per image size with
-    the model loaded (the largest batch that fits its memory)."""
-    if not engines.device.startswith("cuda"):
-        return lambda job: auto_batch_size(engines.device, job.width, job.height)
-
-    sizes: dict[tuple[int, int, bool], int] = {}
-
-    def measured(job: Job) -> int:
-        # Once per image size and guidance (which doubles the UNet's batch), not per group.
-        key = (job.width, job.height, job.cfg > 1)
-        if key not in sizes:
-            from batchgen.engine.img2img import probe_cuda_batch_size
-
-            try:
-                init = prepared(job.init_image, (job.width, job.height))
-                sizes[key] = probe_cuda_batch_size(engines.load(model), job, init)
-            except (BadInputError, FastPathFailedError):
-                raise  # the model cannot load or compile: the run stops with what to fix
-            except Exception as error:  # noqa: BLE001 — the jobs themselves meet it and fail
-                engines.reporter.message(
-                    f"cannot measure the batch size for {job.width}x{job.height} "
-                    f"({type(error).__name__}: {error}): batches of 1"
-                )
-                sizes[key] = 1
-        return sizes[key]
-
-    return measured
 
 
 def _write_views(run_dir: Path, reporter: Reporter) -> None:

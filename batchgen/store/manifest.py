@@ -163,8 +163,8 @@ def _end_of_complete_rows(data: bytes) -> int:
     return end
 
 
-# Columns added since batchgen 0.1, with the value they have in effect for rows written
-# before them. An older version's manifest is read with these, and rewritten once with them
+# Columns that an older version's manifest may lack (0.1's has none of them), with the value they
+# have in effect for its rows. Such a manifest is read with these, and rewritten once with them
 # (atomically) before this version appends to it.
 ADDED_COLUMNS: dict[str, object] = {
     "batch_size": 0,
@@ -269,8 +269,8 @@ class Ledger:
             row_start = reader.line_num + 1
         if _is_torn(data):
             records = records[:-1]  # the last row was being written when the run was killed
-        # batchgen 0.1 closed a torn row rather than cutting it off: such a row has too few
-        # values.
+        # A manifest of batchgen 0.1 may hold a torn row closed rather than cut off: such a row
+        # has too few values, and is skipped.
         return [
             self._parse_row(line, header, record)
             for line, record in records

@@ -1,5 +1,5 @@
 """Intermediates: what the latents look like at every step of a job, as one labelled PNG strip
-(the seed doc's "latent steps" pictures).
+(IMG2IMG.md's "latent steps" pictures).
 
 `IntermediatesRecorder` is the engine's per-step hook: it turns each `StepState` into a frame,
 either approximately (a linear latent→RGB projection: free, one pixel per latent pixel) or
