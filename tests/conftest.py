@@ -1,5 +1,5 @@
 """Fixtures shared by the tests that run builtin:tiny in-process: one model load, one init
-drawing and the seed doc's job for the whole session; and the resume recipe, before and after
+drawing and IMG2IMG.md's job for the whole session; and the resume recipe, before and after
 a complete run."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def init(init_path: Path) -> PreparedImage:
 
 @pytest.fixture(scope="session")
 def job(init_path: Path, tiny: ModelSource) -> Job:
-    """The seed doc's example, at a tiny size: 10 steps at strength 0.7 with k_lms."""
+    """IMG2IMG.md's example, at a tiny size: 10 steps at strength 0.7 with k_lms."""
     header = read_header(init_path)
     return Job(
         index=0,

@@ -239,7 +239,7 @@ def test_a_resumed_run_forms_the_same_batches_as_an_uninterrupted_one(job: Job) 
     ]
 
     # Only [5] is left out; [0, 1] and [3, 4] are re-rendered whole.
-    assert resumed == [batch for batch in uninterrupted if batch != [jobs[5]]]
+    assert resumed == [batch for batch in uninterrupted if list(batch) != [jobs[5]]]
     # Batches of the leftovers alone would pair other jobs: other last bits on the CPU.
     leftovers = make_batches([job for job in jobs if job.id not in done], batch_size=2)
     assert leftovers != resumed

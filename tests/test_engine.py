@@ -1,4 +1,4 @@
-"""The engine: same pixels as diffusers' img2img pipeline, the seed doc's step counts,
+"""The engine: same pixels as diffusers' img2img pipeline, IMG2IMG.md's step counts,
 strength 0 keeping the original, and bit-identical CPU renders."""
 
 from __future__ import annotations
@@ -146,9 +146,9 @@ def test_guidance_uses_the_negative_prompt(engine: Engine, job: Job, init: Prepa
 @pytest.mark.parametrize(
     ("steps", "strength", "steps_mode", "nominal", "taken"),
     [
-        (10, 0.7, "nominal", 10, 7),  # the seed doc's table
+        (10, 0.7, "nominal", 10, 7),  # IMG2IMG.md's table
         (10, 0.4, "nominal", 10, 4),
-        (4, 0.4, "effective", 10, 4),  # the seed doc's 20 ÷ 0.4 = 50, scaled down
+        (4, 0.4, "effective", 10, 4),  # IMG2IMG.md's 20 ÷ 0.4 = 50, scaled down
     ],
 )
 def test_the_denoiser_takes_int_steps_times_strength_steps(

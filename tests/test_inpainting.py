@@ -1,4 +1,4 @@
-"""Transparent regions (the seed doc): only they are redrawn, starting from the colour under
+"""Transparent regions (IMG2IMG.md): only they are redrawn, starting from the colour under
 them; the opaque rest stays the original. A mask file does the same for any init image."""
 
 from __future__ import annotations

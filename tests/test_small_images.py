@@ -1,4 +1,4 @@
-"""The seed doc's warning about init images under 512 px, and `upscale_small`: such images
+"""IMG2IMG.md's warning about init images under 512 px, and `upscale_small`: such images
 are scaled up to the model's native size before encoding, and back down with `keep_size`."""
 
 from __future__ import annotations

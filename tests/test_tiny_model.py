@@ -1,5 +1,5 @@
 """`builtin:tiny` is a trained model, small but real: its VAE round-trips drawings, and
-strength does what the seed doc says (0 keeps the drawing, more departs from it, 1 ignores it).
+strength does what IMG2IMG.md says (0 keeps the drawing, more departs from it, 1 ignores it).
 
 Floors and slack are set from measurements of the shipped weights, with margin; the measured
 values are in the comments (CPU, float32).
@@ -48,7 +48,7 @@ def sunset_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_job(path: Path, tiny: ModelSource, strength: float) -> Job:
-    """The example recipe's settings: k_lms, 10 steps, cfg 7.5, the seed doc's seed."""
+    """The example recipe's settings: k_lms, 10 steps, cfg 7.5, IMG2IMG.md's seed."""
     header = read_header(path)
     return Job(
         index=0,

@@ -7,7 +7,8 @@ same batches as an uninterrupted one, and on the CPU its images are bit-identica
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from batchgen.engine.schedulers import scheduler_spec
@@ -57,7 +58,24 @@ def batch_key(job: Job) -> BatchKey:
     )
 
 
-def make_batches(jobs: Sequence[Job], batch_size: int | Callable[[Job], int]) -> list[list[Job]]:
+@dataclass(frozen=True)
+class Batch:
+    """Jobs that one denoising loop runs together: the same `batch_key`, in job order."""
+
+    jobs: tuple[Job, ...]
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    @property
+    def first(self) -> Job:
+        return self.jobs[0]
+
+
+def make_batches(jobs: Sequence[Job], batch_size: int | Callable[[Job], int]) -> list[Batch]:
     """The jobs grouped by `batch_key`, groups in order of first appearance, jobs in job order
     within a group, each group cut into batches of `batch_size` (the last may be shorter);
     a function gives each group's size from its first job (`auto` sizes vary with size).
@@ -70,12 +88,14 @@ def make_batches(jobs: Sequence[Job], batch_size: int | Callable[[Job], int]) ->
     groups: dict[BatchKey, list[Job]] = {}
     for job in jobs:
         groups.setdefault(batch_key(job), []).append(job)
-    batches = []
+    batches: list[Batch] = []
     for group in groups.values():
         size = size_of(group[0])
         if size < 1:
             raise ValueError(f"batch size must be at least 1, not {size}")
-        batches += [group[start : start + size] for start in range(0, len(group), size)]
+        batches += [
+            Batch(tuple(group[start : start + size])) for start in range(0, len(group), size)
+        ]
     return batches
 
 

@@ -244,7 +244,7 @@ def planned_batches(
         batches = [
             [by_id[job.id] for job in batch]
             for batch in make_batches(jobs, size)
-            if by_id[batch[0].id].mine and any(job.id in wanted for job in batch)
+            if by_id[batch.first.id].mine and any(job.id in wanted for job in batch)
         ]
         yield from zip(batches, [*batches[1:], None], strict=True)
 

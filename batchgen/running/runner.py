@@ -83,7 +83,7 @@ class RunResult:
 
 
 def _warn_small_images(jobs: list[Job], reporter: Reporter) -> None:
-    """The seed doc's warning, once per init image rendered below 512 px rather than once
+    """IMG2IMG.md's warning, once per init image rendered below 512 px rather than once
     per job."""
     small = {job.init_image: job for job in jobs if min(job.width, job.height) < SMALL_IMAGE_SIDE}
     for image, job in small.items():
