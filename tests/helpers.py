@@ -98,20 +98,24 @@ def fail_batches_with(monkeypatch: pytest.MonkeyPatch, index: int, message: str)
     monkeypatch.setattr(Engine, "render_batch", render_batch)
 
 
-def imports_torch(*args: str) -> bool:
-    """Whether `batchgen ARGS` (which must succeed) imports torch or diffusers, run afresh."""
-    # In a fresh interpreter: the commands that only read files must answer without that
-    # second of wait.
+def imported_modules(*args: str) -> set[str]:
+    """The modules `batchgen ARGS` (which must succeed) imports, run in a fresh interpreter."""
     probe = (
         "import sys\nfrom batchgen.cli import main\n"
         f"try:\n    main({list(args)!r})\nexcept SystemExit as exit:\n"
         "    assert exit.code in (0, None), exit.code\n"
-        "print('torch' in sys.modules or 'diffusers' in sys.modules)"
+        "print(' '.join(sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
     )
-    return result.stdout.strip().splitlines()[-1] == "True"
+    return set(result.stdout.strip().splitlines()[-1].split())
+
+
+def imports_torch(*args: str) -> bool:
+    """Whether `batchgen ARGS` (which must succeed) imports torch or diffusers, run afresh."""
+    # The commands that only read files must answer without that second of wait.
+    return bool({"torch", "diffusers"} & imported_modules(*args))
 
 
 # --- recipes --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tests.helpers import (
     RECIPE,
     fail_batches_with,
     gradient,
+    imported_modules,
     imports_torch,
     invoke,
     manifest,
@@ -234,7 +235,11 @@ def test_a_run_with_nothing_to_do_answers_without_torch(recipe: Path) -> None:
     assert not imports_torch("run", str(recipe))
     code, output = invoke("run", str(recipe))
     assert code == 0 and "nothing to do: all 4 jobs are done" in output
-    assert imports_torch("run", str(recipe), "--redo", "all")  # work: torch loads
+    # With work, torch loads, and of diffusers only what the SD family uses: its UNet, VAE
+    # and schedulers, none of its pipelines.
+    modules = imported_modules("run", str(recipe), "--redo", "all")
+    assert {"torch", "diffusers.models.unets.unet_2d_condition"} <= modules
+    assert not [name for name in modules if name.startswith("diffusers.pipelines")]
 
 
 def test_a_device_name_batchgen_does_not_know_is_bad_input_with_nothing_to_do(

@@ -24,6 +24,7 @@ from batchgen import __version__
 from batchgen.engine.images import InitImageError, read_header
 from batchgen.engine.schedulers import UnknownSchedulerError, scheduler_spec
 from batchgen.jobs.job import InitImage, Job, StepsMode
+from batchgen.jobs.parameters import AXIS_OF_KEY
 from batchgen.models.families import UnsupportedFamilyError
 from batchgen.models.source import (
     CONFIGS_DIR,
@@ -48,23 +49,11 @@ from batchgen.recipe.schema import (
     validate_shape,
 )
 
-# Sweep axes, by the singular name jobs, include/exclude and grids use, with the recipe keys
-# that give them values.
-AXES: tuple[str, ...] = (
-    "model", "init_image", "prompt", "strength", "steps", "cfg", "seed", "scheduler",
-    "variation_count", "variation_amount",  # from `variations`: always the innermost
-)  # fmt: skip
-AXIS_OF_KEY: dict[str, str] = {
-    "model": "model",
-    "init_images": "init_image",
-    "prompts": "prompt",
-    "prompts_file": "prompt",
-    "strength": "strength",
-    "steps": "steps",
-    "cfg": "cfg",
-    "seeds": "seed",
-    "scheduler": "scheduler",
-}
+# Sweep axes, by the singular name jobs, include/exclude and grids use; the model outermost and
+# the variations (from `variations`) innermost.
+AXES: tuple[str, ...] = tuple(
+    dict.fromkeys(["model", *AXIS_OF_KEY.values(), "variation_count", "variation_amount"])
+)
 
 
 @dataclass(frozen=True)

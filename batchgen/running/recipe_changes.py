@@ -10,37 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The lock's keys that decide pixels (or which jobs exist), in the lock's order.
-_PIXEL_KEYS = (
-    "model",
-    "init_images",
-    "scheduler",
-    "prompt",
-    "strength",
-    "steps",
-    "cfg",
-    "seed",
-    "negative_prompt",
-    "steps_mode",
-    "clip_skip",
-    "vae",
-    "variant",
-    "dtype",
-    "width",
-    "height",
-    "fit",
-    "include",
-    "exclude",
-    "variation_count",
-    "variation_amount",
-    "variation_mode",
-    "with_variations",
-    "mask",
-    "mask_blur",
-    "invert_mask",
-    "upscale_small",
-    "keep_size",
-)
+# The lock's keys that decide neither pixels nor which jobs exist; every other key does.
+_VIEW_KEYS = frozenset({"batchgen_version", "name", "recipe", "intermediates", "grids"})
 
 
 @dataclass(frozen=True)
@@ -92,8 +63,8 @@ def lock_changes(old: dict[str, Any], new: dict[str, Any]) -> LockChanges:
                     f"({before[name]} → {after[name]}): its jobs get new ids and are made "
                     "again; the images made before stay, made from the old content"
                 )
-    for key in _PIXEL_KEYS:
+    for key in new:
         # A key the last run's lock lacks came with a newer version, not with an edit.
-        if key in old and old.get(key) != new.get(key):
+        if key not in _VIEW_KEYS and key in old and old[key] != new[key]:
             changes.changed.append(f"{key}: {_short(old.get(key))} → {_short(new.get(key))}")
     return changes

@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from batchgen import __version__
 from batchgen.errors import BatchgenError
 from batchgen.jobs.job import Job
+from batchgen.jobs.parameters import OLDER_MANIFESTS_MEAN
 from batchgen.store.files import (
     LOCK_FILE_NAME,
     MANIFEST_NAME,
@@ -166,19 +167,7 @@ def _end_of_complete_rows(data: bytes) -> int:
 # Columns that an older version's manifest may lack (0.1's has none of them), with the value they
 # have in effect for its rows. Such a manifest is read with these, and rewritten once with them
 # (atomically) before this version appends to it.
-ADDED_COLUMNS: dict[str, object] = {
-    "batch_size": 0,
-    "fast_paths": "",
-    "render_size": "",
-    "variation_seed": -1,
-    "variation_strength": 0.0,
-    "with_variations": "",
-    "parent_id": "",
-    "iteration": 0,
-    "mask": "",
-    "mask_blur": 0,
-    "invert_mask": False,
-}
+ADDED_COLUMNS: dict[str, object] = {"batch_size": 0, "fast_paths": "", **OLDER_MANIFESTS_MEAN}
 
 
 class Ledger:

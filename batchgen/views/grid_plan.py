@@ -18,27 +18,18 @@ from typing import Any, get_args
 import yaml
 
 from batchgen.errors import BatchgenError
+from batchgen.jobs.parameters import PARAMETER
 from batchgen.recipe.schema import AxisName, GridSpec
 from batchgen.store.files import LOCK_FILE_NAME
 from batchgen.store.manifest import ManifestRow
 
 AXES: tuple[str, ...] = get_args(AxisName)
-AXIS_TITLES = {
-    "model": "model",  # its identity: the manifest's model column
-    "init_image": "init image",
-    "prompt": "prompt",
-    "strength": "strength",
-    "steps": "steps",
-    "cfg": "CFG",
-    "seed": "seed",
-    "scheduler": "scheduler",
-    "variation_seed": "variation seed",
-    "variation_strength": "variation strength",
-    "iteration": "iteration",
+AXIS_TITLES = {axis: PARAMETER[axis].title for axis in AXES}
+# What the axes hold in jobs that do not use them (no variations, no iterations): not worth a
+# title.
+UNUSED_VALUES: dict[str, Any] = {
+    axis: PARAMETER[axis].unused for axis in AXES if PARAMETER[axis].unused is not None
 }
-
-# What the variation axes hold in jobs without variations or iterations: not worth a title.
-UNUSED_VALUES: dict[str, Any] = {"variation_seed": -1, "variation_strength": 0.0, "iteration": 0}
 
 
 class GridError(BatchgenError):
