@@ -91,3 +91,16 @@ def done(recipe: Path) -> Path:
     code, output = invoke("run", str(recipe))
     assert code == 0, output
     return recipe.parent / "out"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-architecture model with seeded random weights (tools/tiny_sdxl.py)."""
+    from tools.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_folder: Path) -> ModelSource:
+    return resolve_model(str(tiny_sdxl_folder), Path("."))

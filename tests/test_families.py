@@ -50,7 +50,6 @@ def test_builtin_and_shipped_models_are_stable_diffusion() -> None:
 @pytest.mark.parametrize(
     ("class_name", "named"),
     [
-        ("StableDiffusionXLPipeline", "SDXL"),
         ("FluxImg2ImgPipeline", "FLUX"),
         ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
         ("KandinskyPipeline", "KandinskyPipeline"),
@@ -72,7 +71,6 @@ def test_validate_refuses_a_folder_of_another_family_at_its_line(
 @pytest.mark.parametrize(
     ("key", "named"),
     [
-        ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "SDXL"),
         ("double_blocks.0.img_attn.qkv.weight", "FLUX"),
         ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "Stable Diffusion 3"),
     ],
@@ -89,7 +87,7 @@ def test_a_single_file_of_another_family_is_named_from_its_keys(
 
 
 def test_validate_refuses_another_family_without_importing_torch(tmp_path: Path) -> None:
-    folder = pipeline_folder(tmp_path, "StableDiffusionXLPipeline")
+    folder = pipeline_folder(tmp_path, "FluxPipeline")
     recipe = recipe_for(tmp_path, str(folder))
     code = (
         "import sys\n"
@@ -100,7 +98,37 @@ def test_validate_refuses_another_family_without_importing_torch(tmp_path: Path)
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split()[-3:] == ["exit", "2", "False"], done.stdout + done.stderr
-    assert "SDXL" in done.stdout + done.stderr
+    assert "FLUX" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("keys", "family"),
+    [
+        (["model.diffusion_model.input_blocks.0.0.weight"], "sd"),
+        (
+            [
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+            ],
+            "sdxl",
+        ),  # SD's UNet prefix, and SDXL's text encoders beside it
+    ],
+)
+def test_a_checkpoint_is_the_most_specific_family_its_keys_match(
+    keys: list[str], family: str
+) -> None:
+    assert family_of_checkpoint(keys, Path("model.safetensors")).name == family
+
+
+def test_prompt_2_on_a_one_encoder_model_is_refused_at_its_line(tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path, "model: builtin:tiny\nprompt_2: oil painting\n" + RECIPE, name="p2"
+    )
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    (problem,) = error.value.problems
+    assert str(problem).startswith(f"{recipe}:2: prompt_2: "), str(problem)
+    assert "builtin:tiny has only one" in str(problem)
 
 
 class CountingFamily(StableDiffusion):

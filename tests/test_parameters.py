@@ -22,6 +22,8 @@ RUN_COLUMNS = {
 # A job that uses every parameter the id holds only when used.
 EVERYTHING = make_job(
     negative_prompt="smoke",
+    prompt_2="a painting",
+    negative_prompt_2="blurry",
     clip_skip=2,
     vae="vae@00ff",
     with_variations=((7, 0.1),),

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import diffusers
 import numpy as np
@@ -35,7 +35,7 @@ from batchgen.engine.devices import (
     resolve_device,
     resolve_dtype,
 )
-from batchgen.engine.families.base import Family
+from batchgen.engine.families.base import Family, PromptEmbedding, PromptText
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.masks import latent_mask
 from batchgen.engine.schedulers import scheduler_spec
@@ -117,7 +117,7 @@ class Engine:
             vae_scale_factor=self.family.latent_format.vae_scale_factor
         )
         # Sweeps repeat prompts and init images across many jobs: encode each once.
-        self.prompt_cache: BoundedCache[torch.Tensor] = BoundedCache(PROMPT_CACHE_ENTRIES)
+        self.prompt_cache: BoundedCache[PromptEmbedding] = BoundedCache(PROMPT_CACHE_ENTRIES)
         self.posterior_cache: BoundedCache[DiagonalGaussianDistribution] = BoundedCache(
             POSTERIOR_CACHE_ENTRIES
         )
@@ -211,7 +211,7 @@ class Engine:
             return denoise(self, jobs, inits, on_step)
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Any
     ) -> torch.Tensor:
         """The family's denoiser's output. Compiling happens here, at the first call of each
         batch shape: a failure to compile is a FastPathFailedError, which stops the run."""
@@ -239,7 +239,7 @@ class Engine:
         size = (latents.shape[-2], latents.shape[-1])
         parts = []
         for mask, init in zip(masks, inits, strict=True):
-            image = self.image_processor.preprocess(init.rgb).to(self.device, self.torch_dtype)
+            image = self.image_processor.preprocess(init.rgb).to(self.device, self.family.vae.dtype)
             redraw = (
                 torch.ones_like(image[:, :1])
                 if mask is None
@@ -264,18 +264,25 @@ class Engine:
         ]
         return (1 - torch.cat(redrawn)).to(device=self.device, dtype=latents.dtype)
 
-    def batch_conditioning(
-        self, jobs: Sequence[Job], do_classifier_free_guidance: bool
-    ) -> torch.Tensor:
+    def batch_conditioning(self, jobs: Sequence[Job], do_classifier_free_guidance: bool) -> Any:
         """The denoiser's text conditioning for the batch, in the pipeline's order: with
         guidance the unconditional halves first, [negative_1..negative_b, prompt_1..prompt_b]."""
-        embeddings = [self.prompt_embeddings(job.prompt, job.clip_skip) for job in jobs]
+        embeddings = [
+            self.prompt_embeddings(PromptText(job.prompt, job.prompt_2), job.clip_skip)
+            for job in jobs
+        ]
+        negatives = None
         if do_classifier_free_guidance:
-            negatives = [self.prompt_embeddings(job.negative_prompt, job.clip_skip) for job in jobs]
-            embeddings = negatives + embeddings
-        return torch.cat(embeddings)
+            negatives = [
+                self.prompt_embeddings(
+                    PromptText(job.negative_prompt, job.negative_prompt_2, negative=True),
+                    job.clip_skip,
+                )
+                for job in jobs
+            ]
+        return self.family.conditioning(embeddings, negatives, (jobs[0].width, jobs[0].height))
 
-    def prompt_embeddings(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
+    def prompt_embeddings(self, prompt: PromptText, clip_skip: int = 1) -> PromptEmbedding:
         """The family's `encode_prompt` through the prompt cache."""
         return self.prompt_cache.get(
             (prompt, clip_skip), lambda: self.family.encode_prompt(prompt, clip_skip)
@@ -298,7 +305,7 @@ class Engine:
     def encode_init_image(self, init: PreparedImage) -> DiagonalGaussianDistribution:
         """The VAE's posterior over the init image's latents (mean and std, not a sample)."""
         image = self.image_processor.preprocess(init.rgb)
-        image = image.to(device=self.device, dtype=self.torch_dtype)
+        image = image.to(device=self.device, dtype=self.family.vae.dtype)
         return self.family.vae.encode(image).latent_dist
 
     def prepare_latents(
@@ -314,7 +321,8 @@ class Engine:
         generator: the pipeline's random order, which is why the cache keeps posteriors and
         never a sample. A job's variations then move its noise toward theirs."""
         samples = [posterior.sample(g) for posterior, g in zip(posteriors, generators, strict=True)]
-        init_latents = self.family.latent_format.from_vae(torch.cat(samples))
+        # A VAE kept in float32 (SDXL's force_upcast) samples in float32: cast, as the pipeline.
+        init_latents = self.family.latent_format.from_vae(torch.cat(samples).to(self.torch_dtype))
         noise = randn_tensor(
             init_latents.shape, generator=generators, device=self.device, dtype=self.torch_dtype
         )
@@ -333,7 +341,7 @@ class Engine:
             chunk = cpu_decode_size(latents.shape[-1] * factor, latents.shape[-2] * factor)
         images = torch.cat(
             [
-                vae.decode(latent_format.to_vae(part), return_dict=False)[0]
+                vae.decode(latent_format.to_vae(part.to(vae.dtype)), return_dict=False)[0]
                 for part in latents.split(chunk)
             ]
         )

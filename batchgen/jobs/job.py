@@ -71,6 +71,9 @@ class Job:
     model: str  # model identity (see models.resolve_model)
     dtype: str  # "float32", "float16" or "bfloat16"
     clip_skip: int = 1  # A1111's convention: 1 uses CLIP's last layer, 2 the one before
+    # SDXL's second text encoder's prompts; "": the same as `prompt` / `negative_prompt`.
+    prompt_2: str = ""
+    negative_prompt_2: str = ""
     vae: str = ""  # identity of a VAE that replaces the model's own; "" for the model's
     model_name: str = field(default="", compare=False)  # short display name, not in the id
     # Noise variations (InvokeAI -V / -v, A1111 "Variation seed"): the seed's noise is slerped
@@ -118,6 +121,9 @@ class Job:
         }
         # Only when used, so that a job without them has the same id in every version, whichever
         # fields a version adds.
+        for name in ("prompt_2", "negative_prompt_2"):
+            if getattr(self, name):
+                fields[name] = getattr(self, name)
         if self.variations:
             fields["variations"] = [list(pair) for pair in self.variations]
         if self.inpaints:

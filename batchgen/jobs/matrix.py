@@ -95,6 +95,8 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         init_image=image,
         prompt=combination["prompt"],
         negative_prompt=recipe.negative_prompt,
+        prompt_2=recipe.prompt_2,
+        negative_prompt_2=recipe.negative_prompt_2,
         strength=float(combination["strength"]),
         steps=int(combination["steps"]),
         steps_mode=recipe.steps_mode,

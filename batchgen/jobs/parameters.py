@@ -41,6 +41,18 @@ PARAMETERS: tuple[Parameter, ...] = (
     # A1111 writes the prompt as its text's first line, without a key.
     Parameter("prompt", "prompt", ("prompts", "prompts_file"), sweeps=True, grid_axis=True),
     Parameter("negative_prompt", "negative prompt", ("negative_prompt",), a1111="Negative prompt"),
+    # SDXL's second text encoder (OpenCLIP bigG); "" gives it the prompt above, as diffusers.
+    Parameter(
+        "prompt_2", "prompt 2", ("prompt_2",), in_id="when used", unused="", added_later=True
+    ),
+    Parameter(
+        "negative_prompt_2",
+        "negative prompt 2",
+        ("negative_prompt_2",),
+        in_id="when used",
+        unused="",
+        added_later=True,
+    ),
     Parameter(
         "strength",
         "strength",

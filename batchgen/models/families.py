@@ -49,12 +49,8 @@ class UnsupportedFamilyError(BatchgenError):
 FAMILIES: dict[str, FamilyEntry] = {}
 
 # Families people bring that have no row yet: named, so that a refusal says what the model is.
-# Their tensor prefixes are checked before SD's, which SDXL's checkpoints share.
+# Their tensor prefixes are checked before the rendered families'.
 NOT_YET_RENDERED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "SDXL": (
-        ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
-        ("conditioner.embedders.",),
-    ),
     "Stable Diffusion 3": (
         ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
         ("model.diffusion_model.joint_blocks.", "joint_blocks."),
@@ -113,7 +109,10 @@ def family_of_checkpoint(keys: Iterable[str], path: Path) -> FamilyEntry:
             raise UnsupportedFamilyError(
                 f"{path} is a {title} checkpoint, which batchgen does not render yet"
             )
-    for entry in FAMILIES.values():
+    # A family registered later may extend an earlier one's layout (SDXL's checkpoints hold a
+    # UNet under SD's `model.diffusion_model.`, and their text encoders under their own
+    # prefix): the last family that matches is the most specific.
+    for entry in reversed(FAMILIES.values()):
         if any(key.startswith(entry.checkpoint_prefixes) for key in keys):
             return entry
     raise UnsupportedFamilyError(
@@ -133,5 +132,19 @@ register_family(
         ),
         checkpoint_prefixes=("model.diffusion_model.",),
         implementation="batchgen.engine.families.sd:StableDiffusion",
+    )
+)
+
+register_family(
+    FamilyEntry(
+        name="sdxl",
+        title="Stable Diffusion XL",
+        pipelines=(
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+        ),
+        checkpoint_prefixes=("conditioner.embedders.",),
+        implementation="batchgen.engine.families.sdxl:StableDiffusionXL",
     )
 )

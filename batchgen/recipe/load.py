@@ -56,6 +56,11 @@ AXES: tuple[str, ...] = tuple(
 )
 
 
+# The recipe keys that go to a second text encoder, and the families that have one.
+SECOND_PROMPTS = ("prompt_2", "negative_prompt_2")
+TWO_ENCODERS = frozenset({"sdxl"})
+
+
 @dataclass(frozen=True)
 class Recipe:
     path: Path
@@ -84,6 +89,8 @@ class Recipe:
     invert_mask: bool = False
     upscale_small: bool = False
     keep_size: bool = False
+    prompt_2: str = ""  # SDXL's second text encoder's prompts; "": the same as the first
+    negative_prompt_2: str = ""
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
 
@@ -117,6 +124,8 @@ class Recipe:
                 if axis not in ("init_image", "model")
             },
             "negative_prompt": self.negative_prompt,
+            # Only when set: a lock without them is not a change (nor is an older one).
+            **{key: getattr(self, key) for key in SECOND_PROMPTS if getattr(self, key)},
             "steps_mode": self.steps_mode,
             "clip_skip": self.clip_skip,
             "vae": {"reference": self.vae.reference, "identity": self.vae.identity}
@@ -229,6 +238,7 @@ class _Resolver:
         include = self._matrix_entries("include", axes)
         exclude = self._matrix_entries("exclude", axes)
         self._check_config()
+        self._check_second_prompts(axes["model"])
         return Recipe(
             path=self.doc.file,
             name=name,
@@ -257,6 +267,8 @@ class _Resolver:
             invert_mask=shape.invert_mask,
             upscale_small=shape.upscale_small,
             keep_size=shape.keep_size,
+            prompt_2=shape.prompt_2,
+            negative_prompt_2=shape.negative_prompt_2,
             lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
             warnings=tuple(self.warnings),
         )
@@ -291,6 +303,19 @@ class _Resolver:
                 "applies to single-file checkpoints only, and no `model:` is one",
                 "remove `config:`: diffusers folders and hub models carry their own configs",
             )
+
+    def _check_second_prompts(self, models: Sequence[ModelSource]) -> None:
+        """`prompt_2` and `negative_prompt_2` go to a second text encoder, which only some
+        families have."""
+        single_encoder = [model.reference for model in models if model.family not in TWO_ENCODERS]
+        for key in SECOND_PROMPTS:
+            if getattr(self.shape, key) and single_encoder:
+                self.fail(
+                    (key,),
+                    f"goes to SDXL's second text encoder, and {', '.join(single_encoder)} "
+                    "has only one",
+                    "remove it, or use an SDXL model",
+                )
 
     def _vae(self) -> ModelSource | None:
         if self.shape.vae is None:

@@ -221,6 +221,14 @@ class RecipeFile(_Strict):
     prompts: str | list[str] | None = None
     prompts_file: str | None = Field(default=None, description="One prompt a line")
     negative_prompt: str = ""
+    prompt_2: str = Field(
+        default="",
+        description="SDXL only: the prompt of its second text encoder (OpenCLIP bigG); "
+        "default: the same prompt",
+    )
+    negative_prompt_2: str = Field(
+        default="", description="SDXL only: the second text encoder's negative prompt"
+    )
     strength: Strength | list[Strength] | Range = 0.75
     steps: Steps | list[Steps] | Range = 50
     steps_mode: Literal["nominal", "effective"] = Field(

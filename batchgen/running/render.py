@@ -209,7 +209,8 @@ class EngineLoader:
         except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
             raise BadInputError(
                 f"cannot load model `{model.reference}` from {model.path}: "
-                f"{type(error).__name__}: {error}"
+                f"{type(error).__name__}: {error}",
+                getattr(error, "hint", None),  # a BatchgenError's: what to do about it
             ) from error
         self.model, self.engine = model, engine
         if self.on_engine is not None:

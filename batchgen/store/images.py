@@ -115,6 +115,8 @@ def job_record(job: Job) -> dict[str, Any]:
         "init_image_height": job.init_image.height,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
+        "prompt_2": job.prompt_2,
+        "negative_prompt_2": job.negative_prompt_2,
         "strength": float(job.strength),
         "steps": job.steps,
         "steps_mode": job.steps_mode,

@@ -49,6 +49,8 @@ class ManifestRow:
     init_image_sha256: str
     prompt: str
     negative_prompt: str
+    prompt_2: str  # SDXL's second text encoder's prompt; "": the same as prompt
+    negative_prompt_2: str
     strength: float
     steps: int  # as written in the recipe
     steps_mode: str

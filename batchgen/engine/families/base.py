@@ -4,6 +4,7 @@ family is a class of its own, never a branch in the loop."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol, Self
 
 import torch
@@ -32,6 +33,26 @@ class LatentFormat:
         return latents / self.scaling_factor + self.shift_factor
 
 
+@dataclass(frozen=True)
+class PromptText:
+    """What one prompt embedding is encoded from: the prompt, the second text encoder's prompt
+    where a family has two (SDXL's `prompt_2`; "" means the same prompt), and whether it is the
+    unconditional half of guidance, which some families encode as zeros when empty."""
+
+    text: str
+    text_2: str = ""
+    negative: bool = False
+
+
+@dataclass(frozen=True)
+class PromptEmbedding:
+    """One prompt's encoding: the text encoders' hidden states, 1 × tokens × width, and for a
+    family whose denoiser also takes one, a pooled embedding, 1 × width."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
 class Family(Protocol):
     """A loaded model of one family, on its device, in its dtype."""
 
@@ -53,13 +74,23 @@ class Family(Protocol):
         variant: str | None,
     ) -> Self: ...
 
-    def encode_prompt(self, prompt: str, clip_skip: int) -> torch.Tensor:
-        """One prompt's conditioning, 1 × …: encoded alone, so that it does not depend on
-        which prompts share its batch."""
+    def encode_prompt(self, prompt: PromptText, clip_skip: int) -> PromptEmbedding:
+        """One prompt's embedding: encoded alone, so that it does not depend on which prompts
+        share its batch. `clip_skip` is A1111's (1: the family's usual layer)."""
+        ...
+
+    def conditioning(
+        self,
+        embeddings: Sequence[PromptEmbedding],
+        negatives: Sequence[PromptEmbedding] | None,
+        size: tuple[int, int],
+    ) -> Any:
+        """What `predict_noise` is given for a batch of `size` (width, height) images: with
+        guidance the negatives' half first, as the pipeline orders them."""
         ...
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Any
     ) -> torch.Tensor:
-        """The denoiser's output for a batch (conditioning: the batch's prompts, concatenated)."""
+        """The denoiser's output for a batch, given `conditioning`'s result."""
         ...

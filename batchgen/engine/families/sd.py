@@ -4,11 +4,12 @@ Registered in models/families.py; its components load through sd_loading.py."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Self
 
 import torch
 
-from batchgen.engine.families.base import LatentFormat
+from batchgen.engine.families.base import LatentFormat, PromptEmbedding, PromptText
 from batchgen.engine.families.sd_loading import load_components
 from batchgen.models.source import ModelSource
 
@@ -83,13 +84,24 @@ class StableDiffusion:
             sample, timestep, encoder_hidden_states=conditioning, return_dict=False
         )[0]
 
-    def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
+    def conditioning(
+        self,
+        embeddings: Sequence[PromptEmbedding],
+        negatives: Sequence[PromptEmbedding] | None,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """The hidden states, concatenated: all SD's UNet is conditioned on."""
+        return torch.cat([embedding.hidden_states for embedding in [*(negatives or ()), *embeddings]])
+
+    def encode_prompt(self, prompt: PromptText, clip_skip: int = 1) -> PromptEmbedding:
         """CLIP's hidden state for the prompt, padded and truncated to the tokenizer's
         length (77 for SD), 1 × tokens × width. `clip_skip` is A1111's: 1 takes the last
         layer, 2 the one before it (diffusers' `clip_skip=1`), through the final layer norm
-        as diffusers does."""
+        as diffusers does. An empty negative prompt is encoded like any other."""
+        if prompt.text_2:
+            raise ValueError("Stable Diffusion 1.x/2.x has one text encoder: no prompt_2")
         text_inputs = self.tokenizer(
-            prompt,
+            prompt.text,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
@@ -109,7 +121,7 @@ class StableDiffusion:
             # hidden_states[-1] is the last layer's output; A1111's "Clip skip: N" takes the
             # N-th from the end, then the final layer norm the last layer would have applied.
             prompt_embeds = self._final_layer_norm(hidden_states[-clip_skip])
-        return prompt_embeds.to(dtype=self.text_encoder.dtype, device=self.device)
+        return PromptEmbedding(prompt_embeds.to(dtype=self.text_encoder.dtype, device=self.device))
 
     def _final_layer_norm(self, hidden_state: torch.Tensor) -> torch.Tensor:
         # transformers 5's CLIPTextModel holds it directly; 4.x under `text_model`.

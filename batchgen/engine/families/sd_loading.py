@@ -42,7 +42,11 @@ class Components:
     scheduler_config: dict[str, Any]  # each job builds its scheduler class from it
 
 
-class CheckpointError(BatchgenError):
+class ModelLoadError(BatchgenError):
+    """A model that loads but cannot work as it is."""
+
+
+class CheckpointError(ModelLoadError):
     """A checkpoint that cannot be loaded safely or completely."""
 
 
@@ -84,26 +88,33 @@ def load_components(
 def _components_from_folder(
     folder: Path, torch_dtype: torch.dtype, variant: str | None
 ) -> Components:
+    text_encoder = CLIPTextModel.from_pretrained(
+        folder,
+        subfolder="text_encoder",
+        **weights_options(folder / "text_encoder", torch_dtype, variant),
+    )
     return Components(
-        tokenizer=load_tokenizer(folder),
-        text_encoder=CLIPTextModel.from_pretrained(
-            folder,
-            subfolder="text_encoder",
-            **_weights_options(folder / "text_encoder", torch_dtype, variant),
-        ),
+        tokenizer=load_tokenizer(folder, max_length=positions(text_encoder)),
+        text_encoder=text_encoder,
         vae=AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", **_weights_options(folder / "vae", torch_dtype, variant)
+            folder, subfolder="vae", **weights_options(folder / "vae", torch_dtype, variant)
         ),
         unet=UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", **_weights_options(folder / "unet", torch_dtype, variant)
+            folder, subfolder="unet", **weights_options(folder / "unet", torch_dtype, variant)
         ),
-        scheduler_config=_scheduler_config(folder),
+        scheduler_config=scheduler_config(folder),
     )
 
 
-def load_tokenizer(folder: Path) -> CLIPTokenizer:
-    """The CLIP tokenizer in `folder`/tokenizer. batchgen's shipped configs keep only their
-    special tokens there and share one copy of CLIP's vocabulary and merges (CLIP_BPE_DIR)."""
+def load_tokenizer(
+    folder: Path, subfolder: str = "tokenizer", max_length: int | None = None
+) -> CLIPTokenizer:
+    """The CLIP tokenizer in `folder`/`subfolder`. batchgen's shipped configs keep only their
+    special tokens there and share one copy of CLIP's vocabulary and merges (CLIP_BPE_DIR).
+
+    `max_length`, the text encoder's positions: a tokenizer must not pad beyond them. One
+    without `model_max_length` in its config pads to transformers' 10^30, and every prompt
+    then fails with "OverflowError: int too big to convert"; refused here, once, at load."""
     shared_bpe: dict[str, Any] = {}
     if folder.resolve().parent == CONFIGS_DIR.resolve():
         shared_bpe = {
@@ -111,12 +122,25 @@ def load_tokenizer(folder: Path) -> CLIPTokenizer:
             "merges_file": str(CLIP_BPE_DIR / "merges.txt"),
         }
     tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(
-        folder, subfolder="tokenizer", local_files_only=True, **shared_bpe
+        folder, subfolder=subfolder, local_files_only=True, **shared_bpe
     )
+    if max_length is not None and tokenizer.model_max_length > max_length:
+        raise ModelLoadError(
+            f"{folder / subfolder} pads prompts to {tokenizer.model_max_length:,} tokens, and "
+            f"its text encoder takes {max_length}: its tokenizer_config.json has no (or a "
+            "wrong) `model_max_length`",
+            hint=f'add "model_max_length": {max_length} to '
+            f"{folder / subfolder / 'tokenizer_config.json'}",
+        )
     return tokenizer
 
 
-def _weights_options(
+def positions(text_encoder: Any) -> int:
+    """How many tokens a text encoder takes (77 for CLIP)."""
+    return int(text_encoder.config.max_position_embeddings)
+
+
+def weights_options(
     component: Path, torch_dtype: torch.dtype, variant: str | None
 ) -> dict[str, Any]:
     """safetensors where the folder has them; otherwise the `.bin` pickles, which diffusers
@@ -131,7 +155,7 @@ def _weights_options(
     }
 
 
-def _scheduler_config(folder: Path) -> dict[str, Any]:
+def scheduler_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "scheduler" / SCHEDULER_CONFIG_NAME
     config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
     return config
@@ -182,20 +206,20 @@ def _components_from_checkpoint(
         "local_files_only": True,
         "torch_dtype": torch_dtype,
     }
-    with _converting("unet", path, config):
+    with converting("unet", path, config):
         unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **options)
-    with _converting("vae", path, config):
+    with converting("vae", path, config):
         vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **options)
-    with _converting("text_encoder", path, config):
+    with converting("text_encoder", path, config):
         text_encoder = create_diffusers_clip_model_from_ldm(
             CLIPTextModel, checkpoint, subfolder="text_encoder", **options
         )
     return Components(
-        tokenizer=load_tokenizer(config),
+        tokenizer=load_tokenizer(config, max_length=positions(text_encoder)),
         text_encoder=text_encoder,
         vae=vae,
         unet=unet,
-        scheduler_config=_scheduler_config(config),
+        scheduler_config=scheduler_config(config),
     )
 
 
@@ -204,9 +228,9 @@ def load_vae(source: ModelSource, torch_dtype: torch.dtype, base_config: Path) -
     the base model's VAE config (`base_config/vae`)."""
     if source.kind != "single_file":
         return AutoencoderKL.from_pretrained(
-            source.path, **_weights_options(source.path, torch_dtype, None)
+            source.path, **weights_options(source.path, torch_dtype, None)
         )
-    with _converting("vae", source.path, base_config):
+    with converting("vae", source.path, base_config):
         vae = AutoencoderKL.from_single_file(
             read_checkpoint(source.path),
             config=str(base_config),
@@ -218,7 +242,7 @@ def load_vae(source: ModelSource, torch_dtype: torch.dtype, base_config: Path) -
 
 
 @contextmanager
-def _converting(name: str, path: Path, config: Path) -> Iterator[None]:
+def converting(name: str, path: Path, config: Path) -> Iterator[None]:
     """Weights a checkpoint lacks stay on the meta device, and diffusers' cast to the dtype then
     fails with "Cannot copy out of meta tensor"; say which file, component and config instead."""
     try:

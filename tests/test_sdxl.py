@@ -1,0 +1,150 @@
+"""SDXL through the family seam: a plain job's pixels are `StableDiffusionXLImg2ImgPipeline`'s
+with the same inputs (bit for bit at batch 1 on the CPU, within one 8-bit level batched), with
+the pipeline's micro-conditioning, zeros for an empty negative prompt, `prompt_2` and
+`clip_skip` on both encoders, base and refiner; on a tiny SDXL-architecture model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from batchgen.engine.families.base import PromptText
+from batchgen.engine.images import PreparedImage
+from batchgen.engine.img2img import Engine
+from batchgen.engine.schedulers import SCHEDULER_NAMES, scheduler_spec
+from batchgen.jobs.job import Job
+from batchgen.models.source import ModelSource, resolve_model
+from tests.helpers import max_level_difference
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(tiny_sdxl: ModelSource) -> Engine:
+    return Engine(tiny_sdxl, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tiny_sdxl_folder: Path) -> Any:
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_sdxl_folder, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_job(job: Job, tiny_sdxl: ModelSource) -> Job:
+    return replace(job, model=tiny_sdxl.identity, steps=6, scheduler="k_euler")
+
+
+def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
+    spec = scheduler_spec(job.scheduler)
+    scheduler_class = getattr(diffusers, spec.class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
+    images = pipe(
+        prompt=job.prompt,
+        prompt_2=job.prompt_2 or None,
+        negative_prompt=job.negative_prompt or None,  # None: the pipeline's zeros
+        negative_prompt_2=job.negative_prompt_2 or None,
+        image=init.rgb,
+        strength=job.strength,
+        num_inference_steps=job.steps_nominal,
+        guidance_scale=job.cfg,
+        generator=torch.Generator("cpu").manual_seed(job.seed),
+        output_type="np",
+        **options,
+    ).images
+    return np.asarray(images[0])
+
+
+def test_an_sdxl_folder_is_the_sdxl_family(tiny_sdxl: ModelSource) -> None:
+    assert tiny_sdxl.family == "sdxl"
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+def test_every_scheduler_matches_the_sdxl_img2img_pipeline(
+    sdxl_engine: Engine, sdxl_pipeline: Any, sdxl_job: Job, init: PreparedImage, scheduler: str
+) -> None:
+    job = replace(sdxl_job, scheduler=scheduler, negative_prompt="blurry, smoke")
+    ours = sdxl_engine.render_pixels(job, init)
+    theirs = pipeline_pixels(sdxl_pipeline, job, init)
+    assert ours.shape == theirs.shape == (job.height, job.width, 3)
+    assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"negative_prompt": ""},  # force_zeros_for_empty_prompt: zeros, not an encoded ""
+        {"prompt_2": "oil painting of a red square", "negative_prompt_2": "blurry"},
+        {"cfg": 1.0},  # no guidance: no negative half
+    ],
+)
+def test_prompt_options_match_the_pipeline(
+    sdxl_engine: Engine,
+    sdxl_pipeline: Any,
+    sdxl_job: Job,
+    init: PreparedImage,
+    changes: dict[str, Any],
+) -> None:
+    job = replace(sdxl_job, **{"negative_prompt": "smoke", **changes})
+    assert np.array_equal(
+        sdxl_engine.render_pixels(job, init), pipeline_pixels(sdxl_pipeline, job, init)
+    )
+
+
+def test_an_empty_negative_prompt_is_zeros_and_a_written_one_is_not(sdxl_engine: Engine) -> None:
+    empty = sdxl_engine.family.encode_prompt(PromptText("", negative=True))
+    assert not empty.hidden_states.any() and empty.pooled is not None and not empty.pooled.any()
+    assert sdxl_engine.family.encode_prompt(PromptText("smoke", negative=True)).hidden_states.any()
+    assert sdxl_engine.family.encode_prompt(PromptText("")).hidden_states.any()  # positive ""
+
+
+def test_clip_skip_applies_to_both_encoders_as_the_pipelines(
+    sdxl_engine: Engine, sdxl_pipeline: Any, sdxl_job: Job, init: PreparedImage
+) -> None:
+    """A1111's 2 is diffusers' 1 (SDXL's penultimate layer is A1111's 1). The negative is
+    empty: diffusers takes the penultimate layer for a written negative prompt whatever
+    `clip_skip` says, where batchgen (as A1111) skips for both halves."""
+    job = replace(sdxl_job, clip_skip=2, negative_prompt="")
+    ours = sdxl_engine.render_pixels(job, init)
+    assert np.array_equal(ours, pipeline_pixels(sdxl_pipeline, job, init, clip_skip=1))
+    assert not np.array_equal(ours, sdxl_engine.render_pixels(replace(job, clip_skip=1), init))
+
+
+def test_a_batch_is_each_jobs_image_within_one_level(
+    sdxl_engine: Engine, sdxl_job: Job, init: PreparedImage
+) -> None:
+    jobs = [
+        replace(sdxl_job, seed=1, cfg=7.5, prompt="red square"),
+        replace(sdxl_job, seed=2, cfg=4.0, negative_prompt="smoke", prompt_2="blue circle"),
+        replace(sdxl_job, seed=3, cfg=6.0),
+    ]
+    batched = sdxl_engine.render_batch(jobs, [init] * 3)
+    for job, image in zip(jobs, batched, strict=True):
+        assert max_level_difference(image, sdxl_engine.render(job, init)) <= 1
+
+
+def test_the_refiner_matches_the_pipeline_with_its_aesthetic_scores(
+    tmp_path_factory: pytest.TempPathFactory, sdxl_job: Job, init: PreparedImage
+) -> None:
+    from tools.tiny_sdxl import write_tiny_sdxl
+
+    folder = write_tiny_sdxl(tmp_path_factory.mktemp("refiner") / "tiny-refiner", refiner=True)
+    engine = Engine(resolve_model(str(folder), Path(".")), device="cpu")
+    assert engine.family.requires_aesthetics_score
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_scheduler_config = dict(pipe.scheduler.config)
+    for negative in ("", "smoke"):  # no force_zeros in a refiner: "" is encoded
+        job = replace(sdxl_job, negative_prompt=negative)
+        theirs = pipeline_pixels(pipe, replace(job, negative_prompt=negative or ""), init)
+        assert np.array_equal(engine.render_pixels(job, init), theirs)
