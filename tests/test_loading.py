@@ -36,6 +36,7 @@ from batchgen.models.source import (
     resolve_vae,
 )
 from tests.helpers import gradient
+from tests.original_layout import text_encoder_to_original, unet_to_original, vae_to_original
 
 TINY_DIR = BUILTIN_DIR / "tiny"
 FLOAT32 = torch.float32
@@ -52,114 +53,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError(f"network access attempted: {args}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-
-
-# --- exporting builtin:tiny in the original (CompVis / AUTOMATIC1111) single-file layout ---
-# The inverse of diffusers' single_file_utils converters, for any SD-shaped block layout (the
-# same tables as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py, which
-# hard-codes SD 1.x's four blocks of two layers).
-
-UNET_RESNET_PARTS = [
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-]
-VAE_ATTENTION_PARTS = [
-    ("group_norm.", "norm."),
-    ("to_q.", "q."),
-    ("to_k.", "k."),
-    ("to_v.", "v."),
-    ("to_out.0.", "proj_out."),
-]
-
-
-def _rename(key: str, prefixes: list[tuple[str, str]]) -> tuple[str, str | None]:
-    """`key` with its longest matching diffusers prefix swapped for the original one."""
-    matches = [(old, new) for old, new in prefixes if key.startswith(old)]
-    if not matches:
-        return key, None
-    old, new = max(matches, key=lambda pair: len(pair[0]))
-    return new + key.removeprefix(old), old
-
-
-def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    layers = config.layers_per_block
-    prefixes = [
-        ("time_embedding.linear_1.", "time_embed.0."),
-        ("time_embedding.linear_2.", "time_embed.2."),
-        ("conv_in.", "input_blocks.0.0."),
-        ("conv_norm_out.", "out.0."),
-        ("conv_out.", "out.2."),
-        ("mid_block.attentions.0.", "middle_block.1."),
-        ("mid_block.resnets.0.", "middle_block.0."),
-        ("mid_block.resnets.1.", "middle_block.2."),
-    ]
-    for i, up_type in enumerate(config.up_block_types):
-        for j in range(layers):
-            block = (layers + 1) * i + j + 1
-            prefixes.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."))
-            prefixes.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1."))
-        down = f"input_blocks.{(layers + 1) * (i + 1)}.0.op."
-        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", down))
-        for j in range(layers + 1):
-            block = (layers + 1) * i + j
-            prefixes.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{block}.0."))
-            prefixes.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{block}.1."))
-        upsampler = 2 if "CrossAttn" in up_type else 1
-        up = f"output_blocks.{(layers + 1) * i + layers}.{upsampler}."
-        prefixes.append((f"up_blocks.{i}.upsamplers.0.", up))
-    original = {}
-    for key, tensor in state.items():
-        new_key, prefix = _rename(key, prefixes)
-        if prefix and "resnets" in prefix:
-            for old, new in UNET_RESNET_PARTS:
-                new_key = new_key.replace(f".{old}.", f".{new}.")
-        original["model.diffusion_model." + new_key] = tensor
-    return original
-
-
-def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    blocks, layers = len(config.block_out_channels), config.layers_per_block
-    prefixes = []
-    for part in ("encoder", "decoder"):
-        prefixes.append((f"{part}.conv_norm_out.", f"{part}.norm_out."))
-        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."))
-        for j in range(2):
-            prefixes.append((f"{part}.mid_block.resnets.{j}.", f"{part}.mid.block_{j + 1}."))
-    for i in range(blocks):
-        for j in range(layers):
-            prefixes.append(
-                (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.")
-            )
-        for j in range(layers + 1):
-            up = f"decoder.up.{blocks - 1 - i}.block.{j}."
-            prefixes.append((f"decoder.up_blocks.{i}.resnets.{j}.", up))
-        downsample = f"encoder.down.{i}.downsample."
-        prefixes.append((f"encoder.down_blocks.{i}.downsamplers.0.", downsample))
-        upsample = f"decoder.up.{blocks - 1 - i}.upsample."
-        prefixes.append((f"decoder.up_blocks.{i}.upsamplers.0.", upsample))
-    original = {}
-    for key, tensor in state.items():
-        new_key, prefix = _rename(key, prefixes)
-        new_key = new_key.replace(".conv_shortcut.", ".nin_shortcut.")
-        if prefix and prefix.endswith("attentions.0."):
-            for old, new in VAE_ATTENTION_PARTS:
-                new_key = new_key.replace(f".{old}", f".{new}")
-            if tensor.ndim == 2:  # the original attention projections are 1x1 convolutions
-                tensor = tensor[:, :, None, None]
-        original[new_key] = tensor
-    return original
-
-
-def text_encoder_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        "cond_stage_model.transformer."
-        + (key if key.startswith("text_model.") else "text_model." + key): tensor
-        for key, tensor in state.items()
-    }
 
 
 def tiny_components() -> Components:
@@ -521,16 +414,32 @@ def test_shipped_configs_build_the_sd_architectures(
     assert not [path for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin")]
 
 
-@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
-def test_shipped_tokenizers_give_clips_token_ids(name: str) -> None:
-    tokenizer = load_tokenizer(CONFIGS_DIR / name)
+SHIPPED_TOKENIZERS = [
+    (name, subfolder)
+    for name in SHIPPED_CONFIGS
+    for subfolder in ("tokenizer", "tokenizer_2")
+    if (CONFIGS_DIR / name / subfolder).is_dir()
+]
+
+
+@pytest.mark.parametrize(("name", "subfolder"), SHIPPED_TOKENIZERS)
+def test_shipped_tokenizers_give_clips_token_ids(name: str, subfolder: str) -> None:
+    tokenizer = load_tokenizer(CONFIGS_DIR / name, subfolder)
 
     ids = tokenizer("a photograph of an astronaut riding a horse").input_ids
 
     assert ids == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
     assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
-    # SD 2's OpenCLIP pads with "!" (id 0), SD 1's CLIP with <|endoftext|>.
-    assert tokenizer.pad_token_id == (49407 if name == "sd15" else 0)
+    # OpenCLIP (SD 2's, SDXL's second) pads with "!" (id 0); OpenAI's CLIP with <|endoftext|>.
+    open_clip = name.startswith("sd2") or subfolder == "tokenizer_2"
+    assert tokenizer.pad_token_id == (0 if open_clip else 49407)
+
+
+def test_every_shipped_config_has_its_tokenizers() -> None:
+    assert sorted(SHIPPED_TOKENIZERS) == sorted(
+        [(name, "tokenizer") for name in ("sd15", "sd2", "sd2-base", "sdxl-base")]
+        + [("sdxl-base", "tokenizer_2"), ("sdxl-refiner", "tokenizer_2")]
+    )
 
 
 def test_a_recipe_on_the_single_file_makes_the_folder_model_s_pixels(

@@ -193,7 +193,8 @@ def test_rewriting_an_image_replaces_it_whole(tmp_path: Path) -> None:
 def test_manifest_columns_are_in_the_documented_order() -> None:
     assert MANIFEST_COLUMNS == (
         "id", "status", "path", "index", "init_image", "init_image_sha256", "prompt",
-        "negative_prompt", "prompt_2", "negative_prompt_2", "strength", "steps", "steps_mode", "steps_nominal", "steps_taken",
+        "negative_prompt", "prompt_2", "negative_prompt_2", "strength", "steps", "steps_mode",
+        "steps_nominal", "steps_taken",
         "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "render_size", "model",
         "vae",
         "model_hash", "dtype", "variation_seed", "variation_strength", "with_variations",

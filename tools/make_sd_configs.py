@@ -1,4 +1,4 @@
-"""Generate the weightless Stable Diffusion 1.5 and 2.x configs in batchgen/builtin/configs/.
+"""Generate the weightless SD 1.5, 2.x and SDXL configs in batchgen/builtin/configs/.
 
 `from_single_file` needs a local diffusers folder to know each component's architecture
 (offline it would otherwise ask the hub). These folders are that: model_index.json, the
@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UNet2DConditionModel,
+)
 from make_tiny_model import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
 from transformers import CLIPTextConfig
 
@@ -148,6 +154,82 @@ def sd2_base() -> dict[str, Any]:
     }
 
 
+def _open_clip_big_g() -> CLIPTextConfig:
+    """SDXL's second text encoder: OpenCLIP ViT-bigG/14, all 32 layers, with its projection."""
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=MAX_PROMPT_TOKENS,
+        hidden_act="gelu",
+        projection_dim=1280,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=0,
+    )
+
+
+SDXL_UNET = {
+    **SD_UNET,
+    "sample_size": 128,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+}
+
+
+def sdxl_base() -> dict[str, Any]:
+    """stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14,
+    a three-level UNet conditioned on both (768 + 1280) plus the pooled bigG embedding and six
+    time ids (1280 + 6 × 256 = 2816), Euler, epsilon, 1024 px; its VAE's scaling 0.13025."""
+    clip_l = sd15()["text_encoder"]
+    return {
+        "unet": {
+            **SDXL_UNET,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text_encoders": {"text_encoder": clip_l, "text_encoder_2": _open_clip_big_g()},
+        "scheduler": EulerDiscreteScheduler(
+            **{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"},
+            prediction_type="epsilon",
+        ),
+        "pad_tokens": {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"},
+        "pipeline": {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": False},
+    }
+
+
+def sdxl_refiner() -> dict[str, Any]:
+    """stabilityai/stable-diffusion-xl-refiner-1.0: OpenCLIP ViT-bigG/14 only, a four-level
+    UNet 384 wide conditioned on it (1280), the pooled embedding and five time ids with the
+    aesthetic score (1280 + 5 × 256 = 2560)."""
+    base = sdxl_base()
+    return {
+        **base,
+        "unet": {
+            **SDXL_UNET,
+            "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"],
+            "block_out_channels": [384, 768, 1536, 1536],
+            "transformer_layers_per_block": 4,
+            "attention_head_dim": [6, 12, 24, 24],
+            "cross_attention_dim": 1280,
+            "projection_class_embeddings_input_dim": 2560,
+        },
+        "text_encoders": {"text_encoder_2": base["text_encoders"]["text_encoder_2"]},
+        "pad_tokens": {"tokenizer_2": "!"},
+        "pipeline": {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True},
+    }
+
+
 MODEL_INDEX = {
     "_class_name": "StableDiffusionImg2ImgPipeline",
     "feature_extractor": [None, None],
@@ -226,25 +308,61 @@ def write_config(folder: Path, spec: dict[str, Any]) -> None:
     with init_empty_weights():
         UNet2DConditionModel(**spec["unet"]).save_config(folder / "unet")
         AutoencoderKL(**spec["vae"]).save_config(folder / "vae")
-    spec["text_encoder"].architectures = ["CLIPTextModel"]
-    spec["text_encoder"].save_pretrained(folder / "text_encoder")
     spec["scheduler"].save_config(folder / "scheduler")
-    write_tokenizer(folder / "tokenizer", spec["pad_token"])
-    model_index = {**MODEL_INDEX, "scheduler": ["diffusers", type(spec["scheduler"]).__name__]}
+    if "text_encoders" not in spec:  # SD 1.x/2.x: one encoder
+        spec["text_encoder"].architectures = ["CLIPTextModel"]
+        spec["text_encoder"].save_pretrained(folder / "text_encoder")
+        write_tokenizer(folder / "tokenizer", spec["pad_token"])
+        model_index = {**MODEL_INDEX, "scheduler": ["diffusers", type(spec["scheduler"]).__name__]}
+        write_json(folder / "model_index.json", model_index)
+        return
+    model_index = {
+        **XL_MODEL_INDEX,
+        **spec["pipeline"],
+        "scheduler": ["diffusers", type(spec["scheduler"]).__name__],
+    }
+    for name, config in spec["text_encoders"].items():
+        architecture = XL_TEXT_ENCODERS[name]
+        config.architectures = [architecture]
+        config.save_pretrained(folder / name)
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        write_tokenizer(folder / tokenizer, spec["pad_tokens"][tokenizer])
+        model_index[name] = ["transformers", architecture]
+        model_index[tokenizer] = ["transformers", "CLIPTokenizer"]
     write_json(folder / "model_index.json", model_index)
+
+
+XL_TEXT_ENCODERS = {
+    "text_encoder": "CLIPTextModel",
+    "text_encoder_2": "CLIPTextModelWithProjection",
+}
+XL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLImg2ImgPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "text_encoder": [None, None],
+    "text_encoder_2": [None, None],
+    "tokenizer": [None, None],
+    "tokenizer_2": [None, None],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 README = """\
 # Stable Diffusion component configs (no weights)
 
-`sd15/`, `sd2/` and `sd2-base/` are diffusers pipeline folders without weights: the
-architecture of Stable Diffusion 1.x (CLIP ViT-L/14, PNDM, epsilon), 2.x 768-v (OpenCLIP
-ViT-H/14 with 23 layers, DDIM, v-prediction) and 2.x base (the same at 512 px, epsilon).
+`sd15/`, `sd2/`, `sd2-base/`, `sdxl-base/` and `sdxl-refiner/` are diffusers pipeline folders
+without weights: the architecture of Stable Diffusion 1.x (CLIP ViT-L/14, PNDM, epsilon), 2.x
+768-v (OpenCLIP ViT-H/14 with 23 layers, DDIM, v-prediction), 2.x base (the same at 512 px,
+epsilon), SDXL 1.0 base (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, Euler) and its refiner
+(bigG only, aesthetic-score conditioning).
 batchgen hands one of them to diffusers' `from_single_file` as `config=` when `model:` is a
 single `.safetensors`/`.ckpt` file, so that diffusers never asks the hub for configs: `sd15` or
-`sd2` as the tensor shapes say, or the recipe's `config:` (2.x base and 768-v have the same
-shapes). Their `tokenizer/` folders hold only the special tokens: CLIP's vocabulary and
-merges, the same for all three, are in `clip-bpe/` once. Generated by
+`sd2` as the tensor shapes say, `sdxl-base` or `sdxl-refiner` as the text encoders' tensor names
+say, or the recipe's `config:` (2.x base and 768-v have the same shapes). Their `tokenizer/`
+folders hold only the special tokens: CLIP's vocabulary and merges, the same for all, are in
+`clip-bpe/` once. Generated by
 `tools/make_sd_configs.py`; do not edit by hand.
 
 ## Licences
@@ -283,7 +401,14 @@ def write_configs(output: Path, bpe: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".configs-") as staging:
         staged = Path(staging) / output.name
-        for name, spec in {"sd15": sd15(), "sd2": sd2(), "sd2-base": sd2_base()}.items():
+        specs = {
+            "sd15": sd15(),
+            "sd2": sd2(),
+            "sd2-base": sd2_base(),
+            "sdxl-base": sdxl_base(),
+            "sdxl-refiner": sdxl_refiner(),
+        }
+        for name, spec in specs.items():
             write_config(staged / name, spec)
         write_clip_bpe(staged / CLIP_BPE_DIR.name, merges)
         (staged / "README.md").write_text(README, encoding="utf-8")

@@ -1,7 +1,7 @@
 """Resolving a recipe's `model:` to a local diffusers folder and a stable identity.
 
 A reference is `builtin:<name>`, a diffusers folder (absolute or relative to the recipe), a
-hub id found in the local Hugging Face cache, or a single SD 1.x/2.x checkpoint file
+hub id found in the local Hugging Face cache, or a single SD 1.x/2.x or SDXL checkpoint file
 (`.safetensors`/`.ckpt`) with the shipped config folder that describes its architecture.
 Torch-free and offline on purpose: `validate` and `plan` resolve models without importing torch,
 and nothing here ever downloads.
@@ -38,7 +38,7 @@ ModelKind = Literal["builtin", "folder", "hub", "single_file"]
 BUILTIN_DIR = Path(batchgen.__file__).parent / "builtin"
 # Weightless diffusers folders for single-file checkpoints (tools/make_sd_configs.py).
 CONFIGS_DIR = BUILTIN_DIR / "configs"
-SHIPPED_CONFIGS = ("sd15", "sd2", "sd2-base")
+SHIPPED_CONFIGS = ("sd15", "sd2", "sd2-base", "sdxl-base", "sdxl-refiner")
 # CLIP's BPE vocabulary and merges, which all of them use: shipped once, not in each tokenizer/.
 CLIP_BPE_DIR = CONFIGS_DIR / "clip-bpe"
 # Those a checkpoint's tensor shapes can tell apart: 2.x base has 768-v's shapes.
@@ -86,8 +86,8 @@ class ConfigNotFoundError(ModelNotFoundError):
 
 def resolve_model(reference: str, base_dir: Path, config: str | None = None) -> ModelSource:
     """Find the model `reference` names; `base_dir` is the recipe's folder. `config` (single
-    files only) overrides the detected architecture: a shipped config (`sd15`, `sd2`,
-    `sd2-base`), `builtin:<name>` or a diffusers folder.
+    files only) overrides the detected architecture: a shipped config (SHIPPED_CONFIGS),
+    `builtin:<name>` or a diffusers folder.
 
     Identities: `builtin:<name>@<16 hex of the model files' sha256>`, `folder:<16 hex>`,
     `hub:<repo id>@<snapshot commit>`, `file:<16 hex of the file's sha256>` (plus
@@ -171,7 +171,7 @@ def _resolve_single_file(reference: str, base_dir: Path, config: str | None) -> 
         family = family_of_folder(config_folder).name
         identity += f"+config:{folder_sha256(config_folder)[:16]}"
     elif shapes is not None:
-        config_folder = detect_config(shapes, path)
+        config_folder = CONFIG_DETECTORS[family](shapes, path)
     # A1111's "Model hash" is the first 10 hex digits of the file's sha256.
     return ModelSource(
         reference, "single_file", path, identity, path.stem, digest[:10], config_folder, family
@@ -299,6 +299,37 @@ def detect_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
         "SD 2.x (320, 1024)",
         hint="give its diffusers config folder with `config:` next to `model:`",
     )
+
+
+# SDXL's original layout: the base holds CLIP ViT-L (a transformers model) then OpenCLIP bigG;
+# the refiner holds only bigG, as embedder 0.
+XL_BASE_ENCODER = "conditioner.embedders.0.transformer."
+XL_REFINER_ENCODER = "conditioner.embedders.0.model."
+
+
+def detect_xl_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
+    """`sdxl-base` or `sdxl-refiner`, as the file's first text encoder says."""
+    if any(key.startswith(XL_REFINER_ENCODER) for key in shapes):
+        kind = "sdxl-refiner"
+    elif any(key.startswith(XL_BASE_ENCODER) for key in shapes):
+        kind = "sdxl-base"
+    else:
+        raise ModelNotFoundError(
+            f"{path} holds an SDXL UNet but neither the base's nor the refiner's text "
+            f"encoders ({XL_BASE_ENCODER}…, {XL_REFINER_ENCODER}…)",
+            hint="give a diffusers SDXL folder with `config:` next to `model:`",
+        )
+    conv_in = shapes.get(UNET_CONV_IN, ())
+    if len(conv_in) == 4 and conv_in[1] != 4:
+        raise ModelNotFoundError(
+            f"{path} is an SDXL inpainting or other {conv_in[1]}-channel UNet, and batchgen "
+            f"ships configs for the 4-channel base and refiner only",
+            hint="give that model's diffusers folder (its configs are enough) with `config:`",
+        )
+    return CONFIGS_DIR / kind
+
+
+CONFIG_DETECTORS = {"sd": detect_config, "sdxl": detect_xl_config}
 
 
 def hub_cache_dir() -> Path:

@@ -3,8 +3,8 @@ family is a class of its own, never a branch in the loop."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 import torch

@@ -91,7 +91,9 @@ class StableDiffusion:
         size: tuple[int, int],
     ) -> torch.Tensor:
         """The hidden states, concatenated: all SD's UNet is conditioned on."""
-        return torch.cat([embedding.hidden_states for embedding in [*(negatives or ()), *embeddings]])
+        return torch.cat(
+            [embedding.hidden_states for embedding in [*(negatives or ()), *embeddings]]
+        )
 
     def encode_prompt(self, prompt: PromptText, clip_skip: int = 1) -> PromptEmbedding:
         """CLIP's hidden state for the prompt, padded and truncated to the tokenizer's

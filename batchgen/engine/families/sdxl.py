@@ -76,7 +76,9 @@ class StableDiffusionXL:
         vae: ModelSource | None = None,
         variant: str | None = None,
     ) -> Self:
-        return cls(load_xl_components(source, torch_dtype, device, vae=vae, variant=variant), device)
+        return cls(
+            load_xl_components(source, torch_dtype, device, vae=vae, variant=variant), device
+        )
 
     @property
     def text_dtype(self) -> torch.dtype:
@@ -111,11 +113,11 @@ class StableDiffusionXL:
         embedding = PromptEmbedding(
             torch.cat(hidden_states, dim=-1).to(self.text_dtype), pooled.to(self.text_dtype)
         )
-        if prompt.negative and not (prompt.text or prompt.text_2):
-            if self.force_zeros_for_empty_prompt:
-                return PromptEmbedding(
-                    torch.zeros_like(embedding.hidden_states), torch.zeros_like(pooled)
-                )
+        empty_negative = prompt.negative and not (prompt.text or prompt.text_2)
+        if empty_negative and self.force_zeros_for_empty_prompt:
+            return PromptEmbedding(
+                torch.zeros_like(embedding.hidden_states), torch.zeros_like(pooled)
+            )
         return embedding
 
     def time_ids(self, size: tuple[int, int], negative: bool) -> torch.Tensor:
@@ -149,7 +151,10 @@ class StableDiffusionXL:
     def predict_noise(
         self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: XLConditioning
     ) -> torch.Tensor:
-        added: dict[str, Any] = {"text_embeds": conditioning.pooled, "time_ids": conditioning.time_ids}
+        added: dict[str, Any] = {
+            "text_embeds": conditioning.pooled,
+            "time_ids": conditioning.time_ids,
+        }
         return self.denoiser(
             sample,
             timestep,
