@@ -1,7 +1,7 @@
 #!/bin/sh
 # batchgen's GPU checks on a lent GPU machine (an H200 with no network), in one device call:
-# the GPU-marked tests, then benchmarks/sweep.py's gpu profile. See benchmarks/README.md,
-# "On a lent GPU machine".
+# benchmarks/sweep.py's SDXL and SD1.5 GPU workloads, then the GPU-marked tests. See
+# benchmarks/README.md, "On a lent GPU machine".
 #
 #   here first:    make gpu-kit      (the wheels that machine lacks, into .whl/)
 #   device tool:   command "sh benchmarks/device.sh", carry [".whl"], timeout_s 580
@@ -15,15 +15,17 @@
 #
 # Files under $OUT (default /tmp/device-out; 8 files at most come back from the device tool):
 #   setup.log         pip's output, versions, the GPU, unmet requirements of the kit
-#   pytest-gpu.log    the GPU-marked tests (and pytest-gpu.err, their stderr)
-#   sweep-fast.md     SD1.5 with --fast compile --fast channels_last (and sweep-fast.err)
-#   sweep.md          every workload of the gpu profile, without compile (and sweep.err)
+#   sweep-sdxl.md     SDXL 1024² fp16, batchgen against the plain loop
+#   sweep-fast.md     SDXL again with --fast compile, two repeats
+#   sweep-sd15.md     SD1.5 512² fp16, batchgen against the plain loop
+#   pytest-gpu.log    the GPU-marked tests
+#   stderr.log        each step's stderr (its last 200 lines), one after another
 #   summary.txt       one line per step: name, exit status, seconds
 #
 # Environment:
 #   OUT                   where the logs go (the device tool sets it)
 #   DEVICE_SH_CPU=1       test the plumbing on a machine without a GPU: no CUDA check, and the
-#                         sweep is `--only tiny64` on the CPU (a minute or two on 2 cores)
+#                         sweeps are sdxl64 and tiny64 on the CPU (a minute or two on 2 cores)
 #   DEVICE_SH_BUDGET_S    seconds for the whole script (default 540: the device tool's 10-minute
 #                         command limit, less the machine's own start-up); a step gets at most
 #                         what is left of it
@@ -41,25 +43,29 @@ DEADLINE=$((STARTED + BUDGET_S))
 FAILED=0
 
 # The steps: `step FILE TIMEOUT_S COMMAND...` runs COMMAND with its stdout in $OUT/FILE and its
-# stderr in $OUT/<FILE less its suffix>.err. Timeouts in seconds; on an H200 the tests take
-# about a minute (mostly imports); the first sweep builds the random SD1.5 in /tmp/bench (the
-# second reuses it), and the gpu profile runs tiny64, tiny256, SD1.5 512² × 32 jobs and plan.
+# stderr in $OUT/<FILE less its suffix>.err. Timeouts in seconds, guessed before any run on a
+# GPU: the tests about a minute (mostly imports); each sweep builds its random-weight model in
+# /tmp/bench on the GPU (SDXL's 6.9 GB of fp16 files once, reused by the compile step).
 run_steps() {
-    # `-m` on the command line replaces addopts' `-m 'not slow'`: keep slow tests out here.
-    step pytest-gpu.log 120 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests
     if [ "$CPU" = 1 ]; then
-        step sweep.md 300 python3 benchmarks/sweep.py --only tiny64 --repeat 1 --work-dir /tmp/bench
+        step sweep-sdxl.md 300 python3 benchmarks/sweep.py --only sdxl64 --repeat 1 \
+            --work-dir /tmp/bench
         step sweep-fast.md 200 python3 benchmarks/sweep.py --only tiny64 --repeat 1 \
             --fast channels_last --work-dir /tmp/bench
     else
-        # The issue's target first ("with batching and compile"): SD1.5 against the plain loop,
-        # two repeats, the second finding torch's compile caches warm (the first compiles two
-        # shapes, the warm-up's and the batch's, inside its run: minutes, not measured before).
-        step sweep-fast.md 300 python3 benchmarks/sweep.py --profile gpu --only sd15 --repeat 2 \
-            --fast compile --fast channels_last --work-dir /tmp/bench
-        # Then every workload without compile, with what is left of the budget.
-        step sweep.md 270 python3 benchmarks/sweep.py --profile gpu --repeat 1 --work-dir /tmp/bench
+        # SDXL at 1024² against the plain loop first (issue 18), then again with batching and
+        # compile, two repeats, the second finding torch's compile caches warm (the first
+        # compiles the warm-up's and the batch's shapes inside its run: minutes, not measured
+        # before); then SD1.5 at 512² (issue 9), each without compile, with what is left.
+        step sweep-sdxl.md 170 python3 benchmarks/sweep.py --profile gpu --only sdxl \
+            --repeat 1 --work-dir /tmp/bench
+        step sweep-fast.md 240 python3 benchmarks/sweep.py --profile gpu --only sdxl \
+            --repeat 2 --fast compile --work-dir /tmp/bench
+        step sweep-sd15.md 120 python3 benchmarks/sweep.py --profile gpu --only sd15 \
+            --repeat 1 --work-dir /tmp/bench
     fi
+    # `-m` on the command line replaces addopts' `-m 'not slow'`: keep slow tests out here.
+    step pytest-gpu.log 75 python3 -m pytest -q -p no:cacheprovider -m "gpu and not slow" tests
 }
 
 # A step, bounded by its timeout and by what is left of the budget (10 s kept for `timeout -k`).
@@ -189,6 +195,12 @@ fi
 echo "== setup done after $(($(date +%s) - STARTED))s"
 
 run_steps
+# At most 8 files come back from the device tool: the steps' stderr travels as one.
+for err in "$OUT"/*.err; do
+    [ -e "$err" ] || continue
+    { echo "== $(basename "$err")"; tail -n 200 "$err"; } >>"$OUT/stderr.log"
+    rm -f "$err"
+done
 echo "== all done after $(($(date +%s) - STARTED))s (budget ${BUDGET_S}s); steps:"
 cat "$OUT/summary.txt"
 exit "$FAILED"

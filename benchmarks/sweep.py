@@ -13,6 +13,10 @@ on their values). Figures and the machines they came from: benchmarks/RESULTS.md
     python benchmarks/sweep.py                       # CPU: tiny64, tiny256, a small sd15
     python benchmarks/sweep.py --profile gpu         # 512² SD1.5, 50 steps, fp16, 32 jobs
     python benchmarks/sweep.py --only tiny64 --batch-size 4
+
+SDXL (issue 18) has its workloads too: the tiny SDXL of tools/tiny_sdxl.py at 64 px on both
+profiles, and on the gpu profile SDXL's architecture (batchgen's shipped sdxl-base configs,
+random weights) at 1024² in fp16, each against a plain `StableDiffusionXLImg2ImgPipeline` loop.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ import torch
 import transformers
 import yaml
 
+# tools/ is not installed with the package: the tiny SDXL builder is imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from batchgen.engine.devices import NO_FAST_PATHS, FastPaths
 from batchgen.engine.families.sd_loading import load_tokenizer
 from batchgen.engine.images import prepare
@@ -54,12 +61,15 @@ from batchgen.models.source import CONFIGS_DIR, resolve_model
 from batchgen.recipe.load import load_recipe
 from batchgen.running.runner import BatchSize, run
 from batchgen.store.manifest import Manifest
+from tools.tiny_sdxl import write_tiny_sdxl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIRE_DRAWING = REPO_ROOT / "recipes" / "pictures" / "fire-drawing.png"
 PROMPTS = ("fire", "cheery open fire, photograph")
 TINY = "builtin:tiny"
 SD15_RANDOM = "sd15-random"  # built by build_random_sd15 into the work folder
+SDXL_RANDOM = "sdxl-random"  # built by build_random_sdxl into the work folder
+TINY_SDXL = "tiny-sdxl"  # tools/tiny_sdxl.py's, written into the work folder
 PLAN_JOBS = 10_000
 # Above this many cores of other processes' CPU use during an arm, its figures are flagged.
 DISTURBED_CORES = 0.2
@@ -70,7 +80,7 @@ class Workload:
     """One sweep: prompts × init images × strengths × seeds at one size and step count."""
 
     name: str
-    model: str  # TINY or SD15_RANDOM
+    model: str  # TINY, TINY_SDXL, SD15_RANDOM or SDXL_RANDOM
     size: int  # width and height, pixels
     prompts: int
     init_images: int  # the fire drawing, then its mirror image
@@ -98,9 +108,9 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def tiny_sweep(name: str, size: int) -> Workload:
+def tiny_sweep(name: str, size: int, model: str = TINY) -> Workload:
     """The issue's builtin:tiny sweep: 2 prompts × 2 init images × 2 strengths × 4 seeds."""
-    return Workload(name, TINY, size, 2, 2, (0.4, 0.7), 4, steps=10)
+    return Workload(name, model, size, 2, 2, (0.4, 0.7), 4, steps=10)
 
 
 # The profiles: what runs where. The SD1.5 UNet reads 3.4 GB of fp32 weights per forward call,
@@ -110,11 +120,15 @@ PROFILES: dict[str, dict[str, Workload]] = {
         "tiny64": tiny_sweep("tiny64", 64),
         "tiny256": tiny_sweep("tiny256", 256),
         "sd15": Workload("sd15", SD15_RANDOM, 64, 1, 1, (0.75,), 4, steps=10),
+        "sdxl64": tiny_sweep("sdxl64", 64, TINY_SDXL),
     },
     "gpu": {
         "tiny64": tiny_sweep("tiny64", 64),
         "tiny256": tiny_sweep("tiny256", 256),
         "sd15": Workload("sd15", SD15_RANDOM, 512, 2, 2, (0.75,), 8, steps=50),
+        "sdxl64": tiny_sweep("sdxl64", 64, TINY_SDXL),
+        # SDXL's own scheduler and size: 30 steps at strength 0.6 take 18, 8 jobs.
+        "sdxl": Workload("sdxl", SDXL_RANDOM, 1024, 2, 1, (0.6,), 4, steps=30, scheduler="k_euler"),
     },
 }
 PROFILE_DEVICE = {"cpu": "cpu", "gpu": "cuda"}
@@ -145,11 +159,13 @@ class ForwardTimer:
         self._events: list[tuple[str, Any, Any]] = []  # CUDA: (name, start, end), not yet read
 
     def instrument(self, components: Any) -> None:
-        """Wrap the forward methods of `components` (an Engine or a pipeline): an instance
-        attribute shadows the class's method, and `module(...)` calls `self.forward`."""
+        """Wrap the forward methods of `components` (an engine's family or a pipeline): an
+        instance attribute shadows the class's method, and `module(...)` calls `self.forward`.
+        SDXL's two text encoders count together as `text_encoder`."""
         for component, method in self.WRAPPED:
-            owner = getattr(components, component)
-            setattr(owner, method, self._timed(f"{component}.{method}", getattr(owner, method)))
+            for owner in _owners(components, component):
+                timed = self._timed(f"{component}.{method}", getattr(owner, method))
+                setattr(owner, method, timed)
 
     def reset(self) -> None:
         self._seconds, self._events = {}, []
@@ -215,6 +231,20 @@ class PeakMemory:
 
     def label(self) -> str:
         return "peak CUDA allocated" if self.cuda else "peak RSS"
+
+
+def _owners(components: Any, component: str) -> list[Any]:
+    """The modules behind a WRAPPED name: a family's `text_encoders` list, a pipeline's
+    `text_encoder` and `text_encoder_2` (an SDXL refiner has no first), a family's `denoiser`
+    for the pipeline's `unet`, or the one module."""
+    if component == "unet" and hasattr(components, "denoiser"):
+        return [components.denoiser]
+    if component != "text_encoder":
+        return [getattr(components, component)]
+    if hasattr(components, "text_encoders"):
+        return list(components.text_encoders)
+    found = (getattr(components, name, None) for name in ("text_encoder", "text_encoder_2"))
+    return [module for module in found if module is not None]
 
 
 def _return_freed_memory() -> None:
@@ -303,33 +333,44 @@ def write_init_images(folder: Path) -> list[Path]:
     return [copy, mirrored]
 
 
-def build_random_sd15(folder: Path) -> Path:
-    """A diffusers folder with SD1.5's architecture (batchgen's shipped sd15 configs) and
-    seeded random weights, saved as fp16 safetensors (2.1 GB; each arm loads them in its own
-    dtype). Reused when `folder` already holds one."""
+# The shipped config folder each random-weight model is built from.
+RANDOM_MODELS = {SD15_RANDOM: "sd15", SDXL_RANDOM: "sdxl-base"}
+
+
+def build_random_model(folder: Path, config: str, device: str) -> Path:
+    """A diffusers folder with the architecture of one of batchgen's shipped configs (SD1.5's
+    or SDXL base's) and seeded random weights, saved as fp16 safetensors (SD1.5 2.1 GB, SDXL
+    6.9 GB; each arm loads them in its own dtype). The weights are drawn on `device` (a GPU
+    draws SDXL's 3.5 billion in seconds). Reused when `folder` already holds one."""
     if (folder / "model_index.json").exists():
         return folder
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    configs = CONFIGS_DIR / "sd15"
+    configs = CONFIGS_DIR / config
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     torch.manual_seed(0)
-    builders: dict[str, Callable[[], Any]] = {  # diffusers models are untyped
-        "unet": lambda: UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(configs / "unet")
+    builders: dict[str, Callable[[Path], Any]] = {  # diffusers models are untyped
+        "unet": lambda path: UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(path)
         ),
-        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae")),
-        "text_encoder": lambda: CLIPTextModel(
-            CLIPTextConfig.from_pretrained(configs / "text_encoder")
+        "vae": lambda path: AutoencoderKL.from_config(AutoencoderKL.load_config(path)),
+        "text_encoder": lambda path: CLIPTextModel(CLIPTextConfig.from_pretrained(path)),
+        "text_encoder_2": lambda path: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(path)
         ),
     }
-    for name, build in builders.items():  # one at a time: the UNet alone is 3.4 GB in fp32
-        model = build().to(torch.float16)
+    for name, build in builders.items():  # one at a time: SDXL's UNet is 10 GB in fp32
+        if not (configs / name).is_dir():
+            continue
+        with torch.device(device):
+            model = build(configs / name).to(torch.float16)
         model.save_pretrained(partial / name, safe_serialization=True)
         del model
-    load_tokenizer(configs).save_pretrained(partial / "tokenizer")
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        if tokenizer != name:
+            load_tokenizer(configs, tokenizer).save_pretrained(partial / tokenizer)
     shutil.copytree(configs / "scheduler", partial / "scheduler")
     shutil.copyfile(configs / "model_index.json", partial / "model_index.json")
     partial.rename(folder)
@@ -378,13 +419,18 @@ def recipe_jobs(recipe_path: Path, dtype: str) -> list[Job]:
 def load_pipeline(model_path: Path, scheduler: str, device: str, dtype: str) -> Any:
     """diffusers' img2img pipeline from the same folder, with the sweep's scheduler built from
     the model's own scheduler config, as a user would."""
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-        model_path,
-        dtype=getattr(torch, dtype),
-        local_files_only=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    ).to(device)
+    if (model_path / "text_encoder_2").is_dir():  # SDXL: no safety checker to turn off
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            model_path, dtype=getattr(torch, dtype), local_files_only=True
+        ).to(device)
+    else:
+        pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+            model_path,
+            dtype=getattr(torch, dtype),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        ).to(device)
     pipe.set_progress_bar_config(disable=True)
     spec = scheduler_spec(scheduler)
     scheduler_class = getattr(diffusers, spec.class_name)
@@ -393,10 +439,11 @@ def load_pipeline(model_path: Path, scheduler: str, device: str, dtype: str) -> 
 
 
 def pipeline_image(pipe: Any, job: Job, init: PIL.Image.Image) -> PIL.Image.Image:
-    """One job through the pipeline, with the generator batchgen's engine matches."""
+    """One job through the pipeline, with the generator batchgen's engine matches. No negative
+    prompt is None, as a user leaves it out: SD encodes it as "", SDXL's pipeline zeros it."""
     return pipe(
         prompt=job.prompt,
-        negative_prompt=job.negative_prompt,
+        negative_prompt=job.negative_prompt or None,
         image=init,
         strength=job.strength,
         num_inference_steps=job.steps_nominal,
@@ -591,10 +638,15 @@ def run_workload(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     inits = write_init_images(work / "init")
-    if workload.model == SD15_RANDOM:
-        started = time.perf_counter()
-        model = str(build_random_sd15(work / SD15_RANDOM))
-        print(f"random-weight SD1.5 model ready in {time.perf_counter() - started:.0f} s")
+    started = time.perf_counter()
+    if workload.model in RANDOM_MODELS:
+        config = RANDOM_MODELS[workload.model]
+        model = str(build_random_model(work / workload.model, config, device))
+        print(f"random-weight {config} model ready in {time.perf_counter() - started:.0f} s")
+    elif workload.model == TINY_SDXL:
+        model = str(work / TINY_SDXL)
+        if not (work / TINY_SDXL / "model_index.json").exists():
+            write_tiny_sdxl(work / TINY_SDXL)
     else:
         model = workload.model
     model_path = resolve_model(model, folder).path
@@ -803,10 +855,14 @@ class Target:
 def check_targets(
     results: list[WorkloadResult], plan: PlanResult | None, profile: str, batch_size: BatchSize
 ) -> list[Target]:
-    """Issue 9's targets that this run's workloads and profile speak to."""
+    """Issue 9's and 18's targets that this run's workloads and profile speak to."""
     targets = []
     by_name = {result.workload.name: result for result in results}
-    floors = {"tiny64": 2.5, "tiny256": 1.2, "sd15": 1.0} if profile == "cpu" else {"sd15": 2.0}
+    floors = (
+        {"tiny64": 2.5, "tiny256": 1.2, "sd15": 1.0, "sdxl64": 2.5}
+        if profile == "cpu"
+        else {"sd15": 2.0, "sdxl": 2.0}
+    )
     for name, floor in floors.items():
         if name in by_name and (batch_size == "auto" or name == "tiny64"):
             ratio = by_name[name].ratio
@@ -904,8 +960,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument(
         "--only",
-        default="tiny64,tiny256,sd15,plan",
-        help="comma-separated workloads: tiny64, tiny256, sd15, plan (default: all)",
+        help="comma-separated workloads: tiny64, tiny256, sd15, sdxl64, plan, and sdxl on the "
+        "gpu profile (default: all of the profile's)",
     )
     parser.add_argument("--batch-size", type=parse_batch_size, default="auto", help="auto or N")
     parser.add_argument(
@@ -929,7 +985,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "default: a temporary folder, removed at the end",
     )
     args = parser.parse_args(argv)
-    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    only = args.only or ",".join([*PROFILES[args.profile], "plan"])
+    args.only = [name.strip() for name in only.split(",") if name.strip()]
     unknown = set(args.only) - {*PROFILES[args.profile], "plan"}
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}")
