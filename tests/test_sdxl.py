@@ -20,9 +20,17 @@ from batchgen.engine.img2img import Engine
 from batchgen.engine.schedulers import SCHEDULER_NAMES, scheduler_spec
 from batchgen.jobs.job import Job
 from batchgen.models.source import ModelSource, resolve_model
-from tests.helpers import max_level_difference
+from tests.helpers import invoke, manifest, max_level_difference, write_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SDXL_RECIPE = """
+init_images: [pictures/gradient.png]
+prompts: [fire]
+strength: 0.5
+steps: 4
+seeds: [7]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +156,27 @@ def test_the_refiner_matches_the_pipeline_with_its_aesthetic_scores(
         job = replace(sdxl_job, negative_prompt=negative)
         theirs = pipeline_pixels(pipe, replace(job, negative_prompt=negative or ""), init)
         assert np.array_equal(engine.render_pixels(job, init), theirs)
+
+
+def test_a_float16_render_keeps_the_vae_in_float32_and_says_so(
+    tiny_sdxl: ModelSource,
+    tiny: ModelSource,
+    sdxl_job: Job,
+    init: PreparedImage,
+    tmp_path: Path,
+) -> None:
+    """SDXL's VAE overflows in float16 (`force_upcast` in its config): it runs in float32, as
+    the pipeline runs it, and the manifest's `fast_paths` record names it. SD 1.x's pipeline
+    does not upcast, nor does batchgen."""
+    engine = Engine(tiny_sdxl, device="cpu", dtype="float16")
+    assert engine.family.vae.dtype == torch.float32 and engine.vae_upcast
+    pixels = engine.render_pixels(replace(sdxl_job, dtype="float16", steps=2), init)
+    assert np.isfinite(pixels).all() and pixels.std() > 0
+    assert not Engine(tiny_sdxl, device="cpu").vae_upcast  # float32 throughout
+    assert Engine(tiny, device="cpu", dtype="float16").precision_record == ""
+
+    recipe = write_recipe(tmp_path, f"model: {tiny_sdxl.path}\n{SDXL_RECIPE}")
+    code, output = invoke("run", str(recipe), "--device", "cpu", "--dtype", "float16")
+    assert code == 0, output
+    assert "VAE in float32" in output
+    assert {row["fast_paths"] for row in manifest(tmp_path / "out")} == {"vae_float32"}

@@ -112,6 +112,9 @@ class Engine:
             model, self.torch_dtype, self.device, vae=vae, variant=variant
         )
         self.fast_paths = fast_paths
+        # A half-precision render whose VAE stays in float32 (SDXL's `force_upcast`): the VAE
+        # overflows in float16, and float32 has the range it needs.
+        self.vae_upcast = self.family.vae.dtype == torch.float32 and self.torch_dtype != torch.float32
         self._apply_fast_paths()
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=self.family.latent_format.vae_scale_factor
@@ -137,6 +140,19 @@ class Engine:
             # Compiled lazily at the first call of each batch shape; `fullgraph` so that a
             # graph break shows as an error instead of a silent slowdown.
             family.denoiser = torch.compile(family.denoiser, fullgraph=True)
+
+    @property
+    def precision_record(self) -> str:
+        """What the manifest's `fast_paths` column records: the fast paths that were on, and
+        `vae_float32` when the VAE ran in float32 in a half-precision render."""
+        return ",".join(filter(None, (str(self.fast_paths), "vae_float32" * self.vae_upcast)))
+
+    def vae_precision(self) -> contextlib.AbstractContextManager[None]:
+        """Around every VAE call. A VAE upcast for its range alone runs its convolutions in TF32
+        (float32's range, float16's precision, as the render's): torch's default for cuDNN, so
+        what the pipeline does. Under the render's `tf32` switch alone it ran in strict float32,
+        and SDXL's decode at 1024² took ten times the pipeline's on an H200 (RESULTS.md)."""
+        return tf32(True) if self.vae_upcast else contextlib.nullcontext()
 
     @property
     def device_label(self) -> str:
@@ -245,7 +261,8 @@ class Engine:
                 if mask is None
                 else (torch.from_numpy(mask) >= 0.5)[None, None].to(image)
             )
-            blanked = self.family.vae.encode(image * (redraw < 0.5)).latent_dist.mode()
+            with self.vae_precision():
+                blanked = self.family.vae.encode(image * (redraw < 0.5)).latent_dist.mode()
             latents_of_kept = self.family.latent_format.from_vae(blanked)
             parts.append(torch.cat([F.interpolate(redraw, size=size), latents_of_kept], dim=1))
         return torch.cat(parts).to(latents.dtype)
@@ -306,7 +323,8 @@ class Engine:
         """The VAE's posterior over the init image's latents (mean and std, not a sample)."""
         image = self.image_processor.preprocess(init.rgb)
         image = image.to(device=self.device, dtype=self.family.vae.dtype)
-        return self.family.vae.encode(image).latent_dist
+        with self.vae_precision():
+            return self.family.vae.encode(image).latent_dist
 
     def prepare_latents(
         self,
@@ -339,12 +357,13 @@ class Engine:
         if self.device == "cpu":
             factor = self.image_processor.config.vae_scale_factor
             chunk = cpu_decode_size(latents.shape[-1] * factor, latents.shape[-2] * factor)
-        images = torch.cat(
-            [
-                vae.decode(latent_format.to_vae(part.to(vae.dtype)), return_dict=False)[0]
-                for part in latents.split(chunk)
-            ]
-        )
+        with self.vae_precision():
+            images = torch.cat(
+                [
+                    vae.decode(latent_format.to_vae(part.to(vae.dtype)), return_dict=False)[0]
+                    for part in latents.split(chunk)
+                ]
+            )
         if not torch.isfinite(images).all():  # postprocess would make them black, silently
             raise NonFiniteImageError(
                 f"the VAE decoded NaN or infinite values in {self.dtype}: some VAEs overflow in "

@@ -136,7 +136,7 @@ class BatchRenderer:
                 seconds,
                 engine.device_label,
                 len(batch),
-                str(engine.fast_paths),
+                engine.precision_record,
                 *frames,
             )
             for planned, image in zip(batch, images, strict=True)
@@ -215,7 +215,8 @@ class EngineLoader:
         self.model, self.engine = model, engine
         if self.on_engine is not None:
             self.on_engine(engine)
-        settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths))))
+        vae_dtype = "VAE in float32" if engine.vae_upcast else ""
+        settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths), vae_dtype)))
         self.reporter.message(
             f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
             f"{engine.device_label} ({settings})"
