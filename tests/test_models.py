@@ -1,4 +1,5 @@
-"""Resolving `model:` references: builtin, folders, the offline hub cache, and the errors."""
+"""Resolving `model:` references: builtin, folders, the offline hub cache, and the errors; and
+`batchgen models`, which lists them with their family."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
-from batchgen.models.source import BUILTIN_DIR, ModelNotFoundError, resolve_model
+from batchgen.models.source import (
+    BUILTIN_DIR,
+    ModelListing,
+    ModelNotFoundError,
+    list_models,
+    resolve_model,
+)
+from tests.helpers import imports_torch, invoke
 
 TINY_DIR = BUILTIN_DIR / "tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -189,3 +199,137 @@ def test_weights_are_hashed_once_until_they_change(
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other content
     assert resolve_model(str(folder), tmp_path).identity != first
     assert hashed[count:] == [weights]
+
+
+# --- `batchgen models`: what is here, and of which family ---
+
+SD = "Stable Diffusion 1.x/2.x"
+XL = "Stable Diffusion XL"
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+BIG_G = "conditioner.embedders.{}.model.token_embedding.weight"
+LORA = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+FLUX = "double_blocks.0.img_attn.qkv.weight"
+
+
+def stand_in(path: Path, *keys: str) -> Path:
+    """A safetensors file with tiny tensors under `keys`: the names are all a listing reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.numpy.save_file({key: np.zeros((2, 2), np.float32) for key in keys}, path)
+    return path
+
+
+def families(listings: list[ModelListing]) -> dict[str, tuple[str, str]]:
+    return {listing.reference: (listing.kind, listing.family) for listing in listings}
+
+
+@pytest.fixture
+def no_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing reads configs and headers only: hashing a folder of 7 GB files takes minutes."""
+    from batchgen.models import hashcache
+
+    def refuse(path: Path) -> None:
+        raise AssertionError(f"{path} hashed")
+
+    monkeypatch.setattr(hashcache, "_hash", refuse)
+
+
+def test_sdxl_folders_are_listed_as_base_refiner_or_inpainting(
+    tmp_path: Path, tiny_sdxl_folder: Path, empty_hub_cache: Path, no_hashing: None
+) -> None:
+    from tools.tiny_sdxl import write_tiny_sdxl
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sdxl_folder, models / "xl")
+    write_tiny_sdxl(models / "xl-refiner", refiner=True)
+    write_tiny_sdxl(models / "xl-inpainting", inpainting=True)
+    shutil.copytree(TINY_DIR, models / "sd")
+
+    listed = families(list_models([models]))
+
+    assert listed == {
+        "builtin:tiny": ("builtin", SD),
+        str(models / "xl-inpainting"): ("folder", f"{XL} (inpainting)"),
+        str(models / "sd"): ("folder", SD),
+        str(models / "xl"): ("folder", f"{XL} (base)"),
+        str(models / "xl-refiner"): ("folder", f"{XL} (refiner)"),
+    }  # and not the pipelines' own weight files (xl/unet/diffusion_pytorch_model.safetensors)
+    # A pipeline folder given itself is listed once, its weight files still not.
+    assert families(list_models([models / "xl"])) == {
+        "builtin:tiny": ("builtin", SD),
+        str(models / "xl"): ("folder", f"{XL} (base)"),
+    }
+
+
+def test_single_files_are_listed_with_their_family_and_the_rest_with_why_not(
+    tmp_path: Path, empty_hub_cache: Path, no_hashing: None
+) -> None:
+    base = stand_in(tmp_path / "sdxl-base.safetensors", CONV_IN, CLIP_L, BIG_G.format(1))
+    refiner = stand_in(tmp_path / "sdxl-refiner.safetensors", CONV_IN, BIG_G.format(0))
+    sd15 = stand_in(tmp_path / "sd15.SAFETENSORS", CONV_IN)
+    lora = stand_in(tmp_path / "loras" / "detail.safetensors", LORA)  # one level below
+    flux = stand_in(tmp_path / "flux1-dev.safetensors", FLUX)
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 3)
+    (tmp_path / "v1-5.ckpt").write_bytes(b"a pickle only torch reads")
+    (tmp_path / "notes.txt").write_text("not a model")
+
+    listed = {
+        Path(reference).name: family
+        for reference, (kind, family) in families(list_models([tmp_path])).items()
+        if kind == "single_file"
+    }
+
+    assert listed.keys() == {
+        base.name,
+        refiner.name,
+        sd15.name,
+        lora.name,
+        flux.name,
+        "broken.safetensors",
+        "v1-5.ckpt",
+    }
+    assert listed[base.name] == f"{XL} (base)"
+    assert listed[refiner.name] == f"{XL} (refiner)"
+    assert listed[sd15.name] == SD
+    # Listed, not hidden and not fatal: users keep LoRAs beside their models.
+    assert listed[lora.name].startswith("not renderable: ") and "LoRA" in listed[lora.name]
+    assert listed[flux.name].startswith("not renderable: ") and "FLUX" in listed[flux.name]
+    assert "not a valid safetensors file" in listed["broken.safetensors"]
+    assert listed["v1-5.ckpt"].startswith("unknown until loaded")
+
+
+def test_a_folder_of_a_family_batchgen_does_not_render_is_listed_with_the_reason(
+    tmp_path: Path, empty_hub_cache: Path
+) -> None:
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+
+    listed = families(list_models([tmp_path]))
+
+    kind, family = listed[str(tmp_path / "flux")]
+    assert kind == "folder" and family.startswith("not renderable: ") and "FLUX" in family
+
+
+def test_models_command_prints_each_model_s_family_without_torch(
+    tmp_path: Path,
+    tiny_sdxl_folder: Path,
+    empty_hub_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shutil.copytree(tiny_sdxl_folder, tmp_path / "xl")
+    stand_in(tmp_path / "xl-refiner.safetensors", CONV_IN, BIG_G.format(0))
+    stand_in(tmp_path / "detail-lora.safetensors", LORA)
+    monkeypatch.chdir(tmp_path)  # short paths, so that each row fits on its line
+
+    code, output = invoke("models", ".")
+
+    assert code == 0, output
+    rows = {line.split()[0]: line for line in output.splitlines() if line.strip()}
+    assert "family" in rows["model:"]
+    assert SD in rows["builtin:tiny"]
+    assert "folder" in rows["xl"] and f"{XL} (base)" in rows["xl"]
+    refiner = rows["xl-refiner.safetensors"]
+    assert "single_file" in refiner and f"{XL} (refiner)" in refiner
+    assert "not renderable" in rows["detail-lora.safetensors"]
+    # `batchgen models` answers at once: no torch import, in a fresh interpreter.
+    assert not imports_torch("models", str(tmp_path))

@@ -101,6 +101,18 @@ def family_of_folder(folder: Path) -> FamilyEntry:
     )
 
 
+def is_refiner_folder(folder: Path) -> bool:
+    """Whether a diffusers SDXL folder is a refiner: its pipeline asks for aesthetic scores
+    (`requires_aesthetics_score`) or it has no first text encoder, as SDXL's refiner."""
+    try:
+        index = json.loads((folder / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    first_encoder = index.get("text_encoder")
+    no_first_encoder = not isinstance(first_encoder, list) or first_encoder[0] is None
+    return bool(index.get("requires_aesthetics_score")) or no_first_encoder
+
+
 def family_of_checkpoint(keys: Iterable[str], path: Path) -> FamilyEntry:
     """The family of a single-file checkpoint, by its tensor names."""
     keys = list(keys)

@@ -24,8 +24,11 @@ import batchgen
 from batchgen.errors import BatchgenError
 from batchgen.models.families import (
     PIPELINE_INDEX,
+    FamilyEntry,
+    UnsupportedFamilyError,
     family_of_checkpoint,
     family_of_folder,
+    is_refiner_folder,
 )
 from batchgen.models.hashcache import file_sha256s, folder_sha256
 
@@ -373,26 +376,108 @@ def _resolve_hub(repo_id: str, not_a_folder: Path) -> ModelSource:
     return ModelSource(repo_id, "hub", snapshot, identity, repo_id, short_hash, None, family)
 
 
+# An inpainting UNet takes the latents (4), the mask (1) and the masked image's latents (4).
+INPAINTING_CHANNELS = 9
+
+
 @dataclass(frozen=True)
 class ModelListing:
     reference: str  # what `model:` takes
     kind: ModelKind
     path: Path
+    family: str  # its family's title and variant, or why batchgen would not render it
 
 
 def list_models(folders: list[Path]) -> list[ModelListing]:
     """What `model:` can name on this machine: the builtins, diffusers pipelines in the local
-    hub cache, and pipelines in (or one level below) the given folders."""
+    hub cache, and pipelines and single-file checkpoints in (or one level below) the given
+    folders. Each family is read from configs and safetensors headers: no weights are read,
+    hashed or loaded, so a folder of multi-gigabyte checkpoints lists at once."""
     found = [
-        ModelListing(BUILTIN_PREFIX + name, "builtin", BUILTIN_DIR / name)
+        _folder_listing(BUILTIN_PREFIX + name, "builtin", BUILTIN_DIR / name)
         for name in builtin_names()
     ]
     for repo in sorted(hub_cache_dir().glob("models--*")):
         snapshots = sorted(repo.glob(f"snapshots/*/{PIPELINE_INDEX}"))
         if snapshots:
             repo_id = repo.name.removeprefix("models--").replace("--", "/", 1)
-            found.append(ModelListing(repo_id, "hub", snapshots[-1].parent))
+            found.append(_folder_listing(repo_id, "hub", snapshots[-1].parent))
     for folder in folders:
-        for index in sorted([*folder.glob(PIPELINE_INDEX), *folder.glob(f"*/{PIPELINE_INDEX}")]):
-            found.append(ModelListing(str(index.parent), "folder", index.parent))
+        found += _listings_in(folder)
     return found
+
+
+def _listings_in(folder: Path) -> list[ModelListing]:
+    """The pipelines and single files in `folder` and one level below, by path."""
+    indexes = [*folder.glob(PIPELINE_INDEX), *folder.glob(f"*/{PIPELINE_INDEX}")]
+    pipelines = [index.parent for index in indexes]
+    # A pipeline's own weight files (unet/diffusion_pytorch_model.safetensors) are no models.
+    files = [
+        path
+        for path in (*folder.glob("*"), *folder.glob("*/*"))
+        if path.suffix.lower() in SINGLE_FILE_SUFFIXES
+        and path.is_file()
+        and not any(pipeline in path.parents for pipeline in pipelines)
+    ]
+    listings = [_folder_listing(str(pipeline), "folder", pipeline) for pipeline in pipelines]
+    listings += [ModelListing(str(path), "single_file", path, _file_family(path)) for path in files]
+    return sorted(listings, key=lambda listing: listing.path)
+
+
+def _folder_listing(reference: str, kind: ModelKind, folder: Path) -> ModelListing:
+    try:
+        entry = family_of_folder(folder)
+    except UnsupportedFamilyError as error:
+        return ModelListing(reference, kind, folder, _not_renderable(error, folder))
+    return ModelListing(reference, kind, folder, _titled(entry, _folder_variant(entry, folder)))
+
+
+def _folder_variant(entry: FamilyEntry, folder: Path) -> str | None:
+    """What the folder's configs tell of its kind: "inpainting", SDXL's "base" or "refiner"."""
+    if _unet_in_channels(folder) == INPAINTING_CHANNELS:
+        return "inpainting"
+    if entry.name != "sdxl":
+        return None
+    return "refiner" if is_refiner_folder(folder) else "base"
+
+
+def _unet_in_channels(folder: Path) -> int | None:
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["in_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a listing tells what it can; loading the model reports a broken config
+
+
+def _file_family(path: Path) -> str:
+    if path.suffix.lower() != ".safetensors":
+        # A .ckpt is a pickle: only torch can list its tensors, and a listing never imports it.
+        return "unknown until loaded (a .ckpt)"
+    try:
+        shapes = safetensors_shapes(path)  # the header only
+        entry = family_of_checkpoint(shapes, path)
+        return _titled(entry, _file_variant(entry, shapes, path))
+    except (UnsupportedFamilyError, ModelNotFoundError) as error:
+        # LoRAs and VAEs sit beside the models: listed with what they seem to be, not fatal.
+        return _not_renderable(error, path)
+
+
+def _file_variant(
+    entry: FamilyEntry, shapes: Mapping[str, Sequence[int]], path: Path
+) -> str | None:
+    """What the file's tensors tell of its kind: "inpainting", SDXL's "base" or "refiner"."""
+    conv_in = shapes.get(UNET_CONV_IN, ())
+    if len(conv_in) == 4 and conv_in[1] == INPAINTING_CHANNELS:
+        return "inpainting"
+    if entry.name != "sdxl":
+        return None
+    return detect_xl_config(shapes, path).name.removeprefix("sdxl-")
+
+
+def _titled(entry: FamilyEntry, variant: str | None) -> str:
+    return f"{entry.title} ({variant})" if variant else entry.title
+
+
+def _not_renderable(error: BatchgenError, path: Path) -> str:
+    # The path has a column of its own: its name keeps the sentence whole and short.
+    return "not renderable: " + error.message.replace(str(path), path.name)

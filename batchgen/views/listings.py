@@ -33,12 +33,13 @@ def print_schedulers() -> None:
 
 
 def print_models(folders: list[Path]) -> None:
-    """The builtins, the hub cache's pipelines and those in `folders`, as `model:` names them."""
+    """The builtins, the hub cache's pipelines and the pipelines and single files in `folders`,
+    as `model:` names them, each with its family (or why batchgen would not render it)."""
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("model:", "kind", "path"):
+    for column in ("model:", "kind", "path", "family"):
         table.add_column(column, overflow="fold")
     for listing in list_models(folders):
-        table.add_row(listing.reference, listing.kind, str(listing.path))
+        table.add_row(listing.reference, listing.kind, str(listing.path), listing.family)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(f"hub cache searched: {hub_cache_dir()}")

@@ -11,10 +11,8 @@ import torch
 
 from batchgen.engine.families.base import LatentFormat, PromptEmbedding, PromptText
 from batchgen.engine.families.sd_loading import load_components
-from batchgen.models.source import ModelSource
+from batchgen.models.source import INPAINTING_CHANNELS, ModelSource
 
-# SD inpainting UNets take the latents (4), the mask (1) and the masked image's latents (4).
-INPAINTING_UNET_CHANNELS = 9
 # SD 1.x/2.x share one VAE latent space. These factors are the ones InvokeAI (IMG2IMG.md's
 # project) uses for its previews, credited to @keturn and @torridgristle.
 LATENT_RGB_FACTORS = (
@@ -51,7 +49,7 @@ class StableDiffusion:
             latent_rgb_factors=LATENT_RGB_FACTORS,
             latent_rgb_source="SD 1.x factors",
         )
-        self.inpainting = unet.config.in_channels == INPAINTING_UNET_CHANNELS
+        self.inpainting = unet.config.in_channels == INPAINTING_CHANNELS
 
     @classmethod
     def load(

@@ -18,9 +18,8 @@ from typing import Any, Self
 import torch
 
 from batchgen.engine.families.base import LatentFormat, PromptEmbedding, PromptText
-from batchgen.engine.families.sd import INPAINTING_UNET_CHANNELS
 from batchgen.engine.families.sdxl_loading import XLComponents, load_xl_components
-from batchgen.models.source import ModelSource
+from batchgen.models.source import INPAINTING_CHANNELS, ModelSource
 
 # The pipeline's defaults for a refiner (`requires_aesthetics_score`), as in SDXL's paper.
 AESTHETIC_SCORE = 6.0
@@ -64,7 +63,7 @@ class StableDiffusionXL:
             latent_rgb_factors=LATENT_RGB_FACTORS,
             latent_rgb_source="SDXL factors",
         )
-        self.inpainting = parts.unet.config.in_channels == INPAINTING_UNET_CHANNELS
+        self.inpainting = parts.unet.config.in_channels == INPAINTING_CHANNELS
 
     @classmethod
     def load(
