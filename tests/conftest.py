@@ -102,5 +102,13 @@ def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL's refiner: the second text encoder only, aesthetic-score time ids."""
+    from tools.tiny_sdxl import write_tiny_sdxl
+
+    return write_tiny_sdxl(tmp_path_factory.mktemp("refiner") / "tiny-refiner", refiner=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tiny_sdxl_folder: Path) -> ModelSource:
     return resolve_model(str(tiny_sdxl_folder), Path("."))

@@ -35,6 +35,9 @@ EVERYTHING = make_job(
     parent_id="0123456789abcdef",
     iteration=1,
     final_size=(256, 256),
+    refiner="file:00ff",
+    refiner_switch=0.8,
+    refiner_label="refiner [00ff]",
 )
 
 # The job id's keys, by the columns that carry the same facts.
@@ -42,6 +45,7 @@ ID_KEY_COLUMNS = {
     "variations": {"variation_seed", "variation_strength", "with_variations"},
     "mask": {"mask", "mask_blur", "invert_mask"},
     "final_size": {"render_size"},
+    "refiner": {"refiner", "refiner_switch"},
 }
 
 

@@ -53,10 +53,14 @@ def sdxl_job(job: Job, tiny_sdxl: ModelSource) -> Job:
     return replace(job, model=tiny_sdxl.identity, steps=6, scheduler="k_euler")
 
 
-def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
-    spec = scheduler_spec(job.scheduler)
+def use_scheduler(pipe: Any, name: str) -> None:
+    spec = scheduler_spec(name)
     scheduler_class = getattr(diffusers, spec.class_name)
     pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
+
+
+def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
+    use_scheduler(pipe, job.scheduler)
     images = pipe(
         prompt=job.prompt,
         prompt_2=job.prompt_2 or None,
@@ -141,21 +145,88 @@ def test_a_batch_is_each_jobs_image_within_one_level(
         assert max_level_difference(image, sdxl_engine.render(job, init)) <= 1
 
 
-def test_the_refiner_matches_the_pipeline_with_its_aesthetic_scores(
-    tmp_path_factory: pytest.TempPathFactory, sdxl_job: Job, init: PreparedImage
-) -> None:
-    from tools.tiny_sdxl import write_tiny_sdxl
+@pytest.fixture(scope="module")
+def tiny_refiner(tiny_refiner_folder: Path) -> ModelSource:
+    return resolve_model(str(tiny_refiner_folder), Path("."))
 
-    folder = write_tiny_sdxl(tmp_path_factory.mktemp("refiner") / "tiny-refiner", refiner=True)
-    engine = Engine(resolve_model(str(folder), Path(".")), device="cpu")
-    assert engine.family.requires_aesthetics_score
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+
+@pytest.fixture(scope="module")
+def refiner_pipeline(tiny_refiner: ModelSource) -> Any:
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        tiny_refiner.path, local_files_only=True
+    )
     pipe.set_progress_bar_config(disable=True)
     pipe.model_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+def test_the_refiner_matches_the_pipeline_with_its_aesthetic_scores(
+    tiny_refiner: ModelSource, refiner_pipeline: Any, sdxl_job: Job, init: PreparedImage
+) -> None:
+    engine = Engine(tiny_refiner, device="cpu")
+    assert engine.family.requires_aesthetics_score
     for negative in ("", "smoke"):  # no force_zeros in a refiner: "" is encoded
         job = replace(sdxl_job, negative_prompt=negative)
-        theirs = pipeline_pixels(pipe, replace(job, negative_prompt=negative or ""), init)
+        theirs = pipeline_pixels(refiner_pipeline, job, init)
         assert np.array_equal(engine.render_pixels(job, init), theirs)
+
+
+@pytest.fixture(scope="module")
+def refined_engine(tiny_sdxl: ModelSource, tiny_refiner: ModelSource) -> Engine:
+    return Engine(tiny_sdxl, device="cpu", refiners={tiny_refiner.identity: tiny_refiner})
+
+
+def base_then_refiner_pixels(base: Any, refiner: Any, job: Job, init: PreparedImage) -> np.ndarray:
+    """What a user's diffusers code makes of a refined job: the base pipeline's latents up to
+    `denoising_end`, the refiner's from `denoising_start`, one generator through both."""
+    generator = torch.Generator("cpu").manual_seed(job.seed)
+    prompts = {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt or None,
+        "num_inference_steps": job.steps_nominal,
+        "guidance_scale": job.cfg,
+        "generator": generator,
+    }
+    use_scheduler(base, job.scheduler)
+    latents = base(
+        image=init.rgb,
+        strength=job.strength,
+        denoising_end=job.refiner_switch,
+        output_type="latent",
+        **prompts,
+    ).images
+    use_scheduler(refiner, job.scheduler)
+    images = refiner(
+        image=latents, denoising_start=job.refiner_switch, output_type="np", **prompts
+    ).images
+    return np.asarray(images[0])
+
+
+@pytest.mark.parametrize("scheduler", ["k_euler", "k_euler_a", "k_heun", "k_dpmpp_2", "ddim"])
+@pytest.mark.parametrize("switch", [0.8, 0.5])
+def test_a_refined_job_is_the_base_pipeline_then_the_refiners(
+    refined_engine: Engine,
+    sdxl_pipeline: Any,
+    refiner_pipeline: Any,
+    tiny_refiner: ModelSource,
+    sdxl_job: Job,
+    init: PreparedImage,
+    scheduler: str,
+    switch: float,
+) -> None:
+    job = replace(
+        sdxl_job,
+        scheduler=scheduler,
+        steps=10,
+        negative_prompt="smoke",
+        refiner=tiny_refiner.identity,
+        refiner_switch=switch,
+    )
+    ours = refined_engine.render_pixels(job, init)
+    theirs = base_then_refiner_pixels(sdxl_pipeline, refiner_pipeline, job, init)
+    assert np.array_equal(ours, theirs)
+    unrefined = refined_engine.render_pixels(replace(job, refiner="", refiner_switch=0.0), init)
+    assert not np.array_equal(ours, unrefined)
 
 
 def test_a_float16_render_keeps_the_vae_in_float32_and_says_so(
@@ -180,3 +251,22 @@ def test_a_float16_render_keeps_the_vae_in_float32_and_says_so(
     assert code == 0, output
     assert "VAE in float32" in output
     assert {row["fast_paths"] for row in manifest(tmp_path / "out")} == {"vae_float32"}
+
+
+def test_a_refiner_takes_every_step_that_strength_leaves_below_its_switch(
+    refined_engine: Engine, tiny_refiner: ModelSource, sdxl_job: Job, init: PreparedImage
+) -> None:
+    """At strength 0.2 the steps taken all lie past a switch at 0.5: the refiner takes those
+    two and no more (diffusers' refiner would start from its switch, at noise levels the
+    latents never had)."""
+    job = replace(
+        sdxl_job, strength=0.2, steps=10, refiner=tiny_refiner.identity, refiner_switch=0.5
+    )
+    timesteps: list[float] = []
+    refined = refined_engine.render_pixels(job, init, lambda s: timesteps.append(s.timestep))
+    plain: list[float] = []
+    unrefined = refined_engine.render_pixels(
+        replace(job, refiner="", refiner_switch=0.0), init, lambda s: plain.append(s.timestep)
+    )
+    assert job.steps_taken == 2 and timesteps == plain and len(timesteps) == 3
+    assert not np.array_equal(refined, unrefined)  # the refiner's UNet took them

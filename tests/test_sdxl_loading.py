@@ -194,3 +194,28 @@ def test_a_recipe_on_the_single_file_makes_the_folder_s_pixels(
         Image.open(tmp_path / "file" / file_row.path) as b,
     ):
         assert max_level_difference(a, b) <= 1
+
+
+def test_the_example_sdxl_recipe_validates_once_its_files_are_in_place(tmp_path: Path) -> None:
+    """recipes/sdxl.yaml, with stand-ins of the two files it names where it names them."""
+    from batchgen.recipe.load import load_recipe
+
+    recipes = Path(batchgen.__file__).resolve().parent.parent / "recipes"
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "fire-drawing.png").write_bytes(
+        (recipes / "pictures" / "fire-drawing.png").read_bytes()
+    )
+    (tmp_path / "models").mkdir()
+    stand_in(tmp_path / "models" / "sd_xl_base_1.0.safetensors", CLIP_L, BIG_G.format(1))
+    stand_in(tmp_path / "models" / "sd_xl_refiner_1.0.safetensors", BIG_G.format(0))
+    recipe_path = tmp_path / "sdxl.yaml"
+    recipe_path.write_text((recipes / "sdxl.yaml").read_text(encoding="utf-8"))
+
+    recipe = load_recipe(recipe_path)
+
+    [model] = recipe.axes["model"]
+    assert (model.family, model.config) == ("sdxl", CONFIGS_DIR / "sdxl-base")
+    assert [refiner.config for refiner in recipe.refiners().values()] == [
+        CONFIGS_DIR / "sdxl-refiner"
+    ]
+    assert recipe.axes["refiner_switch"] == (0.7, 0.8)

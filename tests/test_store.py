@@ -196,7 +196,7 @@ def test_manifest_columns_are_in_the_documented_order() -> None:
         "negative_prompt", "prompt_2", "negative_prompt_2", "strength", "steps", "steps_mode",
         "steps_nominal", "steps_taken",
         "cfg", "seed", "scheduler", "clip_skip", "width", "height", "fit", "render_size", "model",
-        "vae",
+        "vae", "refiner", "refiner_switch",
         "model_hash", "dtype", "variation_seed", "variation_strength", "with_variations",
         "parent_id", "iteration", "mask", "mask_blur", "invert_mask",
         "device", "batch_size", "fast_paths", "seconds", "sha256", "error", "finished_at",

@@ -1,19 +1,22 @@
 """The img2img denoising loop, once: `denoise` reads top to bottom as diffusers'
 `StableDiffusionImg2ImgPipeline.__call__` does, in numbered steps, over whichever model family
-the engine holds (engine/families/). Plain img2img, latent blending of a kept region and the
-9-channel inpainting UNet are all in it; the steps' arithmetic is in the helpers below it.
+the engine holds (engine/families/). Plain img2img, latent blending of a kept region, the
+9-channel inpainting UNet and SDXL's refiner (a second stage after a switch, as the pipeline
+with `denoising_end` followed by one with `denoising_start`) are all in it; the steps'
+arithmetic is in the helpers below it.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from batchgen.engine.families.base import Family
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.masks import composite, redraw_mask
 from batchgen.jobs.batching import batch_key
@@ -49,6 +52,20 @@ class StepState:
 
 
 StepCallback = Callable[[StepState], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model's share of the loop: all of it, or with a refiner the model's steps before
+    the switch and then the refiner's, each with its own scheduler and conditioning."""
+
+    family: Family
+    scheduler: Scheduler
+    timesteps: torch.Tensor
+    conditioning: Any
+    extra_channels: torch.Tensor | None  # a 9-channel inpainting UNet's mask and kept latents
+    keep: torch.Tensor | None  # where the init image's latents are put back after each step
+    extra_step_kwargs: dict[str, object]
 
 
 @torch.no_grad()
@@ -88,44 +105,58 @@ def denoise(
     extra_channels = engine.inpainting_channels(masks, inits, latents) if inpainting else None
     keep = None if inpainting else engine.kept_latents(masks, latents)
 
-    # 7. The scheduler's own arguments: DDIM's eta, the generators of ancestral schedulers.
-    extra_step_kwargs = prepare_extra_step_kwargs(scheduler, generators)
+    # 7. The stages, with the scheduler's own arguments (DDIM's eta, the generators of
+    #    ancestral schedulers): the model's, and a refiner's after its switch.
+    stages = [
+        Stage(
+            engine.family,
+            scheduler,
+            timesteps,
+            conditioning,
+            extra_channels,
+            keep,
+            prepare_extra_step_kwargs(scheduler, generators),
+        )
+    ]
+    if first.refiner:
+        stages = with_refiner(engine, stages[0], jobs, masks, latents, generators)
 
-    # 8. The denoising loop.
+    # 8. The denoising loop, through each stage's timesteps in turn.
+    steps = [(stage, t) for stage in stages for t in stage.timesteps]
     if on_step is not None:
         on_step(StepState(0, float(timesteps[0]), latents, None))
-    for index, t in enumerate(timesteps, start=1):
+    for index, (stage, t) in enumerate(steps, start=1):
         model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        if extra_channels is not None:
-            extra = (
-                torch.cat([extra_channels] * 2) if do_classifier_free_guidance else extra_channels
-            )
+        model_input = stage.scheduler.scale_model_input(model_input, t)
+        if stage.extra_channels is not None:
+            extra = stage.extra_channels
+            extra = torch.cat([extra] * 2) if do_classifier_free_guidance else extra
             model_input = torch.cat([model_input, extra], dim=1)
-        noise_pred = engine.predict_noise(model_input, t, conditioning)
+        noise_pred = engine.predict_noise(model_input, t, stage.conditioning, stage.family)
         if do_classifier_free_guidance:
             noise_pred = classifier_free_guidance(noise_pred, [job.cfg for job in jobs])
-        step_output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs)
+        step_output = stage.scheduler.step(noise_pred, t, latents, **stage.extra_step_kwargs)
         predicted_x0 = (
-            predicted_original_sample(scheduler, step_output, noise_pred, t, latents)
+            predicted_original_sample(stage.scheduler, step_output, noise_pred, t, latents)
             if on_step is not None
             else None
         )
         latents = step_output.prev_sample
-        if keep is not None:
+        if stage.keep is not None:
             # The kept region back, at the noise level of the step to come (clean after the
             # last): the model paints the rest to fit around it.
             known = (
-                scheduler.add_noise(init_latents, noise, timesteps[index:][:1].repeat(len(jobs)))
-                if index < len(timesteps)
+                stage.scheduler.add_noise(init_latents, noise, steps[index][1].repeat(len(jobs)))
+                if index < len(steps)
                 else init_latents
             )
-            latents = latents * (1 - keep) + known * keep
+            latents = latents * (1 - stage.keep) + known * stage.keep
         if on_step is not None:
             on_step(StepState(index, float(t), latents, predicted_x0))
 
-    # 9. Decode, and paste the kept pixels back over the decoded ones.
-    pixels = engine.decode_batch(latents)
+    # 9. Decode (with the last stage's VAE, as its pipeline would), and paste the kept pixels
+    #    back over the decoded ones.
+    pixels = engine.decode_batch(latents, stages[-1].family)
     for sample, (mask, init) in enumerate(zip(masks, inits, strict=True)):
         if mask is not None:
             pixels[sample] = composite(pixels[sample], init.rgb, mask)
@@ -144,6 +175,69 @@ def get_timesteps(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin_index)
     return scheduler.timesteps[begin_index:]
+
+
+def with_refiner(
+    engine: Engine,
+    base: Stage,
+    jobs: Sequence[Job],
+    masks: Sequence[np.ndarray | None],
+    latents: torch.Tensor,
+    generators: list[torch.Generator],
+) -> list[Stage]:
+    """The model's stage cut at the jobs' refiner switch, and the refiner's stage after it:
+    a fresh scheduler of the refiner's (as its own pipeline has), its prompt embeddings, and
+    blending for any kept region (a refiner has no inpainting channels)."""
+    first = jobs[0]
+    refiner = engine.refiners[first.refiner]
+    scheduler = engine.make_scheduler(first.scheduler, refiner)
+    begun = len(base.scheduler.timesteps) - len(base.timesteps)  # where strength began
+    guided = first.cfg > 1
+    return [
+        replace(base, timesteps=timesteps_before_switch(base, first.refiner_switch)),
+        Stage(
+            refiner,
+            scheduler,
+            timesteps_after_switch(
+                scheduler, first.steps_nominal, first.refiner_switch, engine.device, begun
+            ),
+            engine.batch_conditioning(jobs, guided, refiner),
+            None,
+            engine.kept_latents(masks, latents),
+            prepare_extra_step_kwargs(scheduler, generators),
+        ),
+    ]
+
+
+def switch_timestep(scheduler: Scheduler, switch: float) -> int:
+    """The training timestep where `switch` of the schedule is done (diffusers'
+    `discrete_timestep_cutoff`)."""
+    trained = scheduler.config.num_train_timesteps
+    return int(round(trained - switch * trained))
+
+
+def timesteps_before_switch(stage: Stage, switch: float) -> torch.Tensor:
+    """The stage's timesteps at or above the switch's: the pipeline's `denoising_end`."""
+    cutoff = switch_timestep(stage.scheduler, switch)
+    return stage.timesteps[: int((stage.timesteps >= cutoff).sum())]
+
+
+def timesteps_after_switch(
+    scheduler: Scheduler, num_inference_steps: int, switch: float, device: str, earliest: int
+) -> torch.Tensor:
+    """The refiner's timesteps below the switch's: the pipeline's `denoising_start` (on a
+    second-order scheduler, from the start of a step). Never from before index `earliest`,
+    where strength began: where strength leaves fewer steps than the switch, the refiner takes
+    all of them (the pipeline would take steps at noise levels the latents never had)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    cutoff = switch_timestep(scheduler, switch)
+    count = int((scheduler.timesteps < cutoff).sum())
+    if scheduler.order == 2 and count % 2 == 0:
+        count += 1  # else the cut would fall between a step's two evaluations
+    begin = max(len(scheduler.timesteps) - count, earliest)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps[begin:]
 
 
 def predicted_original_sample(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
@@ -100,22 +100,40 @@ class Engine:
         vae: ModelSource | None = None,
         variant: str | None = None,
         fast_paths: FastPaths = NO_FAST_PATHS,
+        refiners: Mapping[str, ModelSource] | None = None,
     ) -> None:
+        """`refiners`: SDXL refiners by the identity jobs name them with (`Job.refiner`),
+        loaded beside the model and on the same terms (`vae` replaces theirs too)."""
         started = time.perf_counter()
         _silence_libraries()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.torch_dtype: torch.dtype = getattr(torch, self.dtype)
-
-        family_class = FAMILIES[model.family].load_class()
-        self.family: Family = family_class.load(
-            model, self.torch_dtype, self.device, vae=vae, variant=variant
-        )
         self.fast_paths = fast_paths
+
+        def load(source: ModelSource) -> Family:
+            family_class = FAMILIES[source.family].load_class()
+            family: Family = family_class.load(
+                source, self.torch_dtype, self.device, vae=vae, variant=variant
+            )
+            self._apply_fast_paths(family)
+            return family
+
+        self.family = load(model)
+        self.refiners: dict[str, Family] = {}
+        for identity, refiner in (refiners or {}).items():
+            try:
+                self.refiners[identity] = load(refiner)
+            except Exception as error:
+                raise RefinerLoadError(
+                    f"the refiner `{refiner.reference}` ({refiner.path}) does not load: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
         # A half-precision render whose VAE stays in float32 (SDXL's `force_upcast`): the VAE
         # overflows in float16, and float32 has the range it needs.
-        self.vae_upcast = self.family.vae.dtype == torch.float32 and self.torch_dtype != torch.float32
-        self._apply_fast_paths()
+        self.vae_upcast = (
+            self.family.vae.dtype == torch.float32 and self.torch_dtype != torch.float32
+        )
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=self.family.latent_format.vae_scale_factor
         )
@@ -126,9 +144,8 @@ class Engine:
         )
         self.load_seconds = time.perf_counter() - started
 
-    def _apply_fast_paths(self) -> None:
+    def _apply_fast_paths(self, family: Family) -> None:
         fast = self.fast_paths
-        family = self.family
         if fast.channels_last:
             family.denoiser.to(memory_format=torch.channels_last)
             family.vae.to(memory_format=torch.channels_last)
@@ -227,12 +244,17 @@ class Engine:
             return denoise(self, jobs, inits, on_step)
 
     def predict_noise(
-        self, sample: torch.Tensor, timestep: torch.Tensor, conditioning: Any
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: Any,
+        family: Family | None = None,
     ) -> torch.Tensor:
-        """The family's denoiser's output. Compiling happens here, at the first call of each
-        batch shape: a failure to compile is a FastPathFailedError, which stops the run."""
+        """The denoiser's output, of `family` (default: the model's; else a refiner).
+        Compiling happens here, at the first call of each batch shape: a failure to compile
+        is a FastPathFailedError, which stops the run."""
         try:
-            return self.family.predict_noise(sample, timestep, conditioning)
+            return (family or self.family).predict_noise(sample, timestep, conditioning)
         except torch._dynamo.exc.TorchDynamoException as error:  # only compiled code raises it
             cause = getattr(error, "inner_exception", None) or error  # the backend's own error
             reason = next(iter(str(cause).strip().splitlines()), "")  # then: how to debug torch
@@ -281,11 +303,15 @@ class Engine:
         ]
         return (1 - torch.cat(redrawn)).to(device=self.device, dtype=latents.dtype)
 
-    def batch_conditioning(self, jobs: Sequence[Job], do_classifier_free_guidance: bool) -> Any:
+    def batch_conditioning(
+        self, jobs: Sequence[Job], do_classifier_free_guidance: bool, family: Family | None = None
+    ) -> Any:
         """The denoiser's text conditioning for the batch, in the pipeline's order: with
-        guidance the unconditional halves first, [negative_1..negative_b, prompt_1..prompt_b]."""
+        guidance the unconditional halves first, [negative_1..negative_b, prompt_1..prompt_b].
+        `family`: the model's (default) or a refiner's, with text encoders of its own."""
+        family = family or self.family
         embeddings = [
-            self.prompt_embeddings(PromptText(job.prompt, job.prompt_2), job.clip_skip)
+            self.prompt_embeddings(PromptText(job.prompt, job.prompt_2), job.clip_skip, family)
             for job in jobs
         ]
         negatives = None
@@ -294,22 +320,28 @@ class Engine:
                 self.prompt_embeddings(
                     PromptText(job.negative_prompt, job.negative_prompt_2, negative=True),
                     job.clip_skip,
+                    family,
                 )
                 for job in jobs
             ]
-        return self.family.conditioning(embeddings, negatives, (jobs[0].width, jobs[0].height))
+        return family.conditioning(embeddings, negatives, (jobs[0].width, jobs[0].height))
 
-    def prompt_embeddings(self, prompt: PromptText, clip_skip: int = 1) -> PromptEmbedding:
-        """The family's `encode_prompt` through the prompt cache."""
+    def prompt_embeddings(
+        self, prompt: PromptText, clip_skip: int = 1, family: Family | None = None
+    ) -> PromptEmbedding:
+        """The family's `encode_prompt` (the model's by default) through the prompt cache."""
+        family = family or self.family
         return self.prompt_cache.get(
-            (prompt, clip_skip), lambda: self.family.encode_prompt(prompt, clip_skip)
+            (id(family), prompt, clip_skip), lambda: family.encode_prompt(prompt, clip_skip)
         )
 
-    def make_scheduler(self, name: str) -> Scheduler:
-        """A fresh scheduler per job: schedulers keep state (step index, multistep history)."""
+    def make_scheduler(self, name: str, family: Family | None = None) -> Scheduler:
+        """A fresh scheduler per job: schedulers keep state (step index, multistep history).
+        Built from the model's scheduler config, or `family`'s."""
         spec = scheduler_spec(name)
         scheduler_class = getattr(diffusers, spec.class_name)
-        return scheduler_class.from_config(self.family.scheduler_config, **spec.config)
+        config = (family or self.family).scheduler_config
+        return scheduler_class.from_config(config, **spec.config)
 
     def init_posterior(self, job: Job, init: PreparedImage) -> DiagonalGaussianDistribution:
         """`encode_init_image` through the posterior cache. The key is the init file's hash
@@ -349,10 +381,10 @@ class Engine:
         latents = scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
         return latents, noise, init_latents
 
-    def decode_batch(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents to float RGB in [0, 1], batch × height × width × 3: in one VAE call, or on
-        the CPU in calls of `cpu_decode_size` images."""
-        vae, latent_format = self.family.vae, self.family.latent_format
+    def decode_batch(self, latents: torch.Tensor, family: Family | None = None) -> np.ndarray:
+        """Latents to float RGB in [0, 1], batch × height × width × 3, by the model's VAE or
+        `family`'s: in one VAE call, or on the CPU in calls of `cpu_decode_size` images."""
+        vae, latent_format = (family or self.family).vae, (family or self.family).latent_format
         chunk = len(latents)
         if self.device == "cpu":
             factor = self.image_processor.config.vae_scale_factor
@@ -396,6 +428,10 @@ def tf32(enabled: bool) -> Iterator[None]:
         yield
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+class RefinerLoadError(RuntimeError):
+    """A refiner named by the recipe cannot be loaded."""
 
 
 class NonFiniteImageError(RuntimeError):

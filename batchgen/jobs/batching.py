@@ -41,6 +41,9 @@ class BatchKey(NamedTuple):
     # Feedback: a job starts from its parent's image, so each iteration is a batch of its own
     # (made after the one before: its group comes later in job order).
     iteration: int
+    # A refiner takes the steps after its switch: the same refiner and switch, the same split.
+    refiner: str
+    refiner_switch: float
 
 
 def batch_key(job: Job) -> BatchKey:
@@ -55,6 +58,8 @@ def batch_key(job: Job) -> BatchKey:
         height=job.height,
         guided=job.cfg > 1,
         iteration=job.iteration,
+        refiner=job.refiner,
+        refiner_switch=job.refiner_switch,
     )
 
 

@@ -76,6 +76,11 @@ class Job:
     negative_prompt_2: str = ""
     vae: str = ""  # identity of a VAE that replaces the model's own; "" for the model's
     model_name: str = field(default="", compare=False)  # short display name, not in the id
+    # SDXL's refiner (A1111's "Refiner"): its identity, "" for none, and the fraction of the
+    # noise schedule after which it takes over (diffusers' denoising_end / denoising_start).
+    refiner: str = ""
+    refiner_switch: float = 0.0
+    refiner_label: str = field(default="", compare=False)  # A1111's "name [hash]"
     # Noise variations (InvokeAI -V / -v, A1111 "Variation seed"): the seed's noise is slerped
     # toward each (seed, amount)'s noise in turn: `with_variations` first, then the job's own.
     with_variations: tuple[tuple[int, float], ...] = ()
@@ -134,6 +139,8 @@ class Job:
             }
         if self.parent_id:
             fields["parent_id"] = self.parent_id
+        if self.refiner:
+            fields["refiner"] = {"model": self.refiner, "switch": float(self.refiner_switch)}
         if self.final_size:
             fields["final_size"] = list(self.final_size)
         return fields

@@ -107,8 +107,7 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         height=height,
         fit=recipe.fit,
         clip_skip=recipe.clip_skip,
-        # Variant weights are other numbers under the same folder: part of the model's identity.
-        model=combination["model"].identity + (f"+{recipe.variant}" if recipe.variant else ""),
+        model=recipe.identity_of(combination["model"]),
         vae=recipe.vae.identity if recipe.vae else "",
         dtype=dtype,
         model_name=combination["model"].name,
@@ -117,7 +116,19 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         mask_blur=recipe.mask_blur,
         invert_mask=recipe.invert_mask,
         final_size=final_size,
+        **_refiner_fields(recipe, combination),
     )
+
+
+def _refiner_fields(recipe: Recipe, combination: Combination) -> dict[str, Any]:
+    refiner = combination.get("refiner")
+    if refiner is None:
+        return {}
+    return {
+        "refiner": recipe.identity_of(refiner),
+        "refiner_switch": float(combination["refiner_switch"]),
+        "refiner_label": f"{refiner.name} [{refiner.short_hash}]",  # A1111's short title
+    }
 
 
 def variation_seed(job: Job, number: int) -> int:

@@ -86,6 +86,27 @@ PARAMETERS: tuple[Parameter, ...] = (
     ),
     Parameter("model", "model", ("model",), sweeps=True, grid_axis=True, a1111="Model"),
     Parameter("vae", "VAE", ("vae",), a1111="VAE", unused=""),
+    # From `refiner: {model, switch}`: SDXL's refiner takes the steps after the switch.
+    Parameter(
+        "refiner",
+        "refiner",
+        ("refiner",),
+        grid_axis=True,
+        a1111="Refiner",
+        in_id="when used",
+        unused="",
+        added_later=True,
+    ),
+    Parameter(
+        "refiner_switch",
+        "refiner switch at",
+        ("refiner",),
+        grid_axis=True,
+        a1111="Refiner switch at",
+        in_id="when used",
+        unused=0.0,
+        added_later=True,
+    ),
     Parameter("dtype", "dtype", ("dtype",)),
     # From `variations`: each variation is a job of its own.
     Parameter(

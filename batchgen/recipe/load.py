@@ -25,7 +25,7 @@ from batchgen.engine.images import InitImageError, read_header
 from batchgen.engine.schedulers import UnknownSchedulerError, scheduler_spec
 from batchgen.jobs.job import InitImage, Job, StepsMode
 from batchgen.jobs.parameters import AXIS_OF_KEY
-from batchgen.models.families import UnsupportedFamilyError
+from batchgen.models.families import FAMILIES, UnsupportedFamilyError, is_refiner_folder
 from batchgen.models.source import (
     CONFIGS_DIR,
     ConfigNotFoundError,
@@ -43,6 +43,7 @@ from batchgen.recipe.schema import (
     IntermediatesSpec,
     Range,
     RecipeFile,
+    RefinerSpec,
     SchedulerChoice,
     SeedRange,
     VariationMode,
@@ -59,6 +60,9 @@ AXES: tuple[str, ...] = tuple(
 # The recipe keys that go to a second text encoder, and the families that have one.
 SECOND_PROMPTS = ("prompt_2", "negative_prompt_2")
 TWO_ENCODERS = frozenset({"sdxl"})
+# The axes of `refiner:`, in a recipe's axes only when it has one: the refiner right after the
+# model (each loads once), its switch just before the variations.
+REFINER_AXES = ("refiner", "refiner_switch")
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,16 @@ class Recipe:
 
     def model_of(self, job: Job) -> ModelSource:
         """The model a job of this recipe runs on."""
-        identity = job.model.removesuffix(f"+{self.variant}") if self.variant else job.model
-        return next(model for model in self.axes["model"] if model.identity == identity)
+        return next(model for model in self.axes["model"] if self.identity_of(model) == job.model)
+
+    def refiners(self) -> dict[str, ModelSource]:
+        """The SDXL refiners of `refiner:` by the identity their jobs record (none without)."""
+        return {self.identity_of(refiner): refiner for refiner in self.axes.get("refiner", ())}
+
+    def identity_of(self, source: ModelSource) -> str:
+        """What a job records of a model or refiner: variant weights are other numbers under
+        the same folder, so part of the identity."""
+        return source.identity + (f"+{self.variant}" if self.variant else "")
 
     def locked(self) -> dict[str, Any]:
         """The recipe as resolved — globs expanded, defaults filled — for recipe.lock.yaml."""
@@ -107,22 +119,25 @@ class Recipe:
                 return value.reference
             return value.label if isinstance(value, InitImage) else value
 
+        def models(axis: str) -> dict[str, Any]:
+            sources = self.axes.get(axis, ())
+            return {axis: [{"reference": m.reference, "identity": m.identity} for m in sources]}
+
         return {
             "batchgen_version": __version__,
             "name": self.name,
             "recipe": str(self.path.resolve()),  # init image labels are relative to its folder
-            "model": [
-                {"reference": model.reference, "identity": model.identity}
-                for model in self.axes["model"]
-            ],
+            **models("model"),
             "init_images": [
                 {"path": image.label, "sha256": image.sha256} for image in self.axes["init_image"]
             ],
             **{
                 axis: [plain(v) for v in values]
                 for axis, values in self.axes.items()
-                if axis not in ("init_image", "model")
+                if axis not in ("init_image", "model", "refiner")
             },
+            # Only when set: a lock without it is not a change (nor is an older one).
+            **(models("refiner") if "refiner" in self.axes else {}),
             "negative_prompt": self.negative_prompt,
             # Only when set: a lock without them is not a change (nor is an older one).
             **{key: getattr(self, key) for key in SECOND_PROMPTS if getattr(self, key)},
@@ -186,6 +201,23 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
     return recipe
 
 
+def _refiner_values(spec: RefinerSpec | None) -> tuple[Any, Any]:
+    return (spec.model, spec.switch) if spec is not None else (None, None)
+
+
+def is_sdxl_refiner(source: ModelSource) -> bool:
+    """Whether a model is an SDXL refiner, from its (or its config's) model_index.json."""
+    folder = source.config or source.path
+    return source.family == "sdxl" and is_refiner_folder(folder)
+
+
+def describe_model(source: ModelSource) -> str:
+    """What a model is, for messages: "an SDXL refiner", "a Stable Diffusion 1.x/2.x model"."""
+    if is_sdxl_refiner(source):
+        return "an SDXL refiner"
+    return f"a {FAMILIES[source.family].title} model"
+
+
 class _Resolver:
     """Checks that need the disk or the name tables, collecting problems as it goes."""
 
@@ -218,27 +250,37 @@ class _Resolver:
             "cfg": self._numbers("cfg", shape.cfg, float),
             "seed": self._seeds(),
             "scheduler": self._schedulers(),
+            **self._refiner_axes(),
             "variation_count": self._variation_axis("count"),
             "variation_amount": self._variation_axis("amount"),
         }
         written = [AXIS_OF_KEY[key] for key in self.doc.data if key in AXIS_OF_KEY]
         # The model is always the outermost loop: each model is loaded once per run.
-        order = list(dict.fromkeys(["model", *written, *AXES]))
-        swept = frozenset(
-            AXIS_OF_KEY[key]
-            for key, value in self.doc.data.items()
-            if key in AXIS_OF_KEY and (isinstance(value, list | dict) or key == "prompts_file")
-        ) | {
-            f"variation_{key}"
-            for key in ("count", "amount")
-            if isinstance(getattr(shape.variations, key), list)
-        }
+        order = list(dict.fromkeys(["model", *REFINER_AXES[:1], *written, *axes]))
+        swept = (
+            frozenset(
+                AXIS_OF_KEY[key]
+                for key, value in self.doc.data.items()
+                if key in AXIS_OF_KEY and (isinstance(value, list | dict) or key == "prompts_file")
+            )
+            | {
+                f"variation_{key}"
+                for key in ("count", "amount")
+                if isinstance(getattr(shape.variations, key), list)
+            }
+            | {
+                axis
+                for axis, value in zip(REFINER_AXES, _refiner_values(shape.refiner), strict=True)
+                if isinstance(value, list)
+            }
+        )
         if output is None:
             output = self.base / shape.output if shape.output else Path("outputs") / name
         include = self._matrix_entries("include", axes)
         exclude = self._matrix_entries("exclude", axes)
         self._check_config()
         self._check_second_prompts(axes["model"])
+        self._check_refined_models(axes["model"])
         return Recipe(
             path=self.doc.file,
             name=name,
@@ -251,7 +293,7 @@ class _Resolver:
             width=shape.width,
             height=shape.height,
             fit=shape.fit,
-            axes={axis: axes[axis] for axis in order},
+            axes={axis: axes[axis] for axis in order if axis in axes},
             swept=swept,
             include=include,
             exclude=exclude,
@@ -316,6 +358,60 @@ class _Resolver:
                     "has only one",
                     "remove it, or use an SDXL model",
                 )
+
+    def _refiner_axes(self) -> dict[str, tuple[Any, ...]]:
+        """`refiner:`'s models and switches as the axes `refiner` and `refiner_switch`; none
+        without it, so that a recipe without a refiner has the axes it always had."""
+        spec = self.shape.refiner
+        if spec is None:
+            return {}
+        listed = isinstance(spec.model, list)
+        references = spec.model if isinstance(spec.model, list) else [spec.model]
+        if not references:
+            self.fail(("refiner", "model"), "is empty", "name the SDXL refiner")
+        refiners = []
+        for index, reference in enumerate(references):
+            where: PathKey = ("refiner", "model", index) if listed else ("refiner", "model")
+            source = self._refiner(where, reference)
+            if source is not None:
+                refiners.append(source)
+        _, switches = _refiner_values(spec)
+        switch_list = switches if isinstance(switches, list) else [switches]
+        if not switch_list:
+            self.fail(("refiner", "switch"), "is empty", "e.g. `switch: 0.8`")
+        return {
+            "refiner": tuple(dict.fromkeys(refiners)),
+            "refiner_switch": tuple(dict.fromkeys(float(value) for value in switch_list)),
+        }
+
+    def _refiner(self, where: PathKey, reference: str) -> ModelSource | None:
+        try:
+            # Its own architecture, detected: `config:` describes the models' single files.
+            source = resolve_model(reference, self.base)
+        except (ModelNotFoundError, UnsupportedFamilyError) as error:
+            self.fail(where, str(error), error.hint)
+            return None
+        if not is_sdxl_refiner(source):
+            self.fail(
+                where,
+                f"`{reference}` is {describe_model(source)}, not an SDXL refiner",
+                "give SDXL's refiner (sd_xl_refiner_1.0), or remove `refiner:`",
+            )
+            return None
+        return source
+
+    def _check_refined_models(self, models: Sequence[ModelSource]) -> None:
+        """A refiner continues the denoising of an SDXL base model's latents."""
+        if self.shape.refiner is None:
+            return
+        others = [model for model in models if model.family != "sdxl" or is_sdxl_refiner(model)]
+        for model in others:
+            self.fail(
+                ("refiner",),
+                f"continues the denoising of an SDXL base model, and `{model.reference}` is "
+                f"{describe_model(model)}",
+                "use an SDXL base model as `model:`, or remove `refiner:`",
+            )
 
     def _vae(self) -> ModelSource | None:
         if self.shape.vae is None:

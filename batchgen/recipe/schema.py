@@ -64,6 +64,25 @@ class Variations(_Strict):
     mode: VariationMode = "noise"
 
 
+RefinerSwitch = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class RefinerSpec(_Strict):
+    """`refiner: {model, switch}`: AUTOMATIC1111's Refiner. The SDXL refiner takes over the
+    denoising once `switch` of the noise schedule is done (diffusers' `denoising_end` on the
+    model, `denoising_start` on the refiner). Both may be lists: both are sweep axes."""
+
+    model: str | list[str] = Field(
+        description="An SDXL refiner: a diffusers folder, a hub id in the local cache or a "
+        "single file, e.g. sd_xl_refiner_1.0.safetensors"
+    )
+    switch: RefinerSwitch | list[RefinerSwitch] = Field(
+        default=0.8,
+        description="A1111's 'Refiner switch at': the fraction of the schedule done before the "
+        "refiner takes over, between 0 and 1",
+    )
+
+
 # The sweep axes a grid can lay out, by the names of their manifest columns.
 AxisName = Literal[
     "model",
@@ -77,6 +96,8 @@ AxisName = Literal[
     "variation_seed",
     "variation_strength",
     "iteration",
+    "refiner",
+    "refiner_switch",
 ]
 
 
@@ -130,6 +151,7 @@ class GridSpec(_Strict):
             "variation_seed": int,
             "variation_strength": float,
             "iteration": int,
+            "refiner_switch": float,
         }
         normal: dict[str, list[int | float | str]] = {}
         for axis, given in where.items():
@@ -208,6 +230,9 @@ class RecipeFile(_Strict):
         default=None,
         description="A VAE replacing the model's: a .safetensors/.ckpt file, a diffusers VAE "
         "folder, or a pipeline folder whose vae/ is used",
+    )
+    refiner: RefinerSpec | None = Field(
+        default=None, description="SDXL only: {model: <refiner>, switch: 0.8}"
     )
     variant: str | None = Field(
         default=None, description="Weight variant of diffusers folders, e.g. fp16"
@@ -346,6 +371,7 @@ def _nested_keys(top: str | int) -> tuple[str, ...]:
         "variations": Variations,
         "grids": GridSpec,
         "seeds": SeedRange,
+        "refiner": RefinerSpec,
     }
     model = nested.get(str(top), Range)
     return tuple(model.model_fields)

@@ -51,6 +51,7 @@ def lock_changes(old: dict[str, Any], new: dict[str, Any]) -> LockChanges:
     changes = LockChanges()
     for what, key, name_key, content_key in (
         ("model weights", "model", "reference", "identity"),
+        ("refiner weights", "refiner", "reference", "identity"),
         ("VAE weights", "vae", "reference", "identity"),
         ("init image", "init_images", "path", "sha256"),
     ):

@@ -183,6 +183,7 @@ class EngineLoader:
     ) -> None:
         self.vae = recipe.vae
         self.variant = recipe.variant
+        self.refiners = recipe.refiners()
         self.device = device
         self.dtype = dtype
         self.fast_paths = options.fast_paths
@@ -205,6 +206,7 @@ class EngineLoader:
                 vae=self.vae,
                 variant=self.variant,
                 fast_paths=self.fast_paths,
+                refiners=self.refiners,
             )
         except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
             raise BadInputError(
@@ -217,8 +219,9 @@ class EngineLoader:
             self.on_engine(engine)
         vae_dtype = "VAE in float32" if engine.vae_upcast else ""
         settings = ", ".join(filter(None, (self.dtype, str(self.fast_paths), vae_dtype)))
+        refiners = "".join(f" with refiner {refiner.name}" for refiner in self.refiners.values())
         self.reporter.message(
-            f"model {model.name} loaded in {engine.load_seconds:.1f}s on "
+            f"model {model.name}{refiners} loaded in {engine.load_seconds:.1f}s on "
             f"{engine.device_label} ({settings})"
         )
         return engine

@@ -94,6 +94,8 @@ def a1111_parameters(
         "Variation seed strength": job.variation_amount if job.variation_seed is not None else "",
         "Denoising strength": float(job.strength),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else "",
+        "Refiner": job.refiner_label if job.refiner else "",
+        "Refiner switch at": float(job.refiner_switch) if job.refiner else "",
         "Version": f"batchgen {__version__}",
     }
     settings_line = ", ".join(
@@ -132,6 +134,9 @@ def job_record(job: Job) -> dict[str, Any]:
         "render_size": f"{job.width}x{job.height}" if job.final_size else "",
         "model": job.model,
         "vae": job.vae,
+        "refiner": job.refiner,
+        "refiner_switch": float(job.refiner_switch),
+        "refiner_name": job.refiner_label,
         "model_name": job.model_name,
         "dtype": job.dtype,
         "variation_seed": job.variation_seed if job.variation_seed is not None else -1,

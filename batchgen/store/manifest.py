@@ -66,6 +66,8 @@ class ManifestRow:
     render_size: str  # upscale_small + keep_size: "WxH" rendered before scaling down; else ""
     model: str  # model identity
     vae: str  # identity of the VAE that replaced the model's own; "" for the model's
+    refiner: str  # identity of SDXL's refiner; "" for none
+    refiner_switch: float  # where the refiner took over (a fraction of the schedule); 0: none
     model_hash: str
     dtype: str
     variation_seed: int  # A1111's "Variation seed"; -1: none

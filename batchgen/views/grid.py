@@ -135,17 +135,33 @@ def default_specs(rows: Iterable[ManifestRow]) -> list[GridSpec]:
 
 
 def _with_model_names(run_dir: Path, rows: list[ManifestRow]) -> list[ManifestRow]:
-    """Rows whose model reads as the recipe names it (`builtin:tiny`, a path) rather than as
-    its content-hash identity, when recipe.lock.yaml maps one to the other unambiguously."""
+    """Rows whose model and refiner read as the recipe names them (`builtin:tiny`, a path)
+    rather than as their content-hash identities, where recipe.lock.yaml maps one to the
+    other unambiguously."""
     try:
         lock = yaml.safe_load((run_dir / LOCK_FILE_NAME).read_text(encoding="utf-8"))
-        models = lock["model"] if isinstance(lock["model"], list) else [lock["model"]]
-        names = {model["identity"]: model["reference"] for model in models}
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, yaml.YAMLError):
         return rows
-    if len(set(names.values())) != len(names):
-        return rows
-    return [dataclasses.replace(row, model=names.get(row.model, row.model)) for row in rows]
+    for column in ("model", "refiner"):
+        names = _locked_names(lock, column)
+        if names and len(set(names.values())) == len(names):
+            rows = [_renamed(row, column, names) for row in rows]
+    return rows
+
+
+def _renamed(row: ManifestRow, column: str, names: dict[str, str]) -> ManifestRow:
+    value = getattr(row, column)
+    return dataclasses.replace(row, **{column: names.get(value, value)})
+
+
+def _locked_names(lock: object, column: str) -> dict[str, str]:
+    """identity → reference of the lock's models (or refiners); {} where it has none."""
+    try:
+        models = lock[column]  # type: ignore[index]
+        listed = models if isinstance(models, list) else [models]
+        return {model["identity"]: model["reference"] for model in listed}
+    except (KeyError, TypeError):
+        return {}
 
 
 def run_specs(run_dir: Path) -> list[GridSpec]:
