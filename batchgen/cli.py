@@ -96,7 +96,8 @@ def main() -> None:
     help="Opt-in speed-ups, repeatable; each changes pixels within a tolerance and is recorded "
     "in the manifest's fast_paths column: channels_last, compile (torch.compile of the UNet: "
     "minutes of warm-up per batch shape, then faster), vae_tiling and vae_slicing (less "
-    "memory for large images and batches), tf32 (Ampere+ GPUs, float32 only).",
+    "memory for large images and batches), tf32 (Ampere+ GPUs, float32 only), offload (model "
+    "CPU offload: each model on the GPU only while it runs, for GPUs too small to hold them).",
 )
 @click.option(
     "--png-compression",
@@ -274,9 +275,10 @@ def schedulers() -> None:
 @main.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
 def models(folders: tuple[Path, ...]) -> None:
-    """List what a recipe's `model:` can name here: the builtins, diffusers pipelines in the
-    local Hugging Face cache, and pipelines in FOLDERS (or one level below). Nothing is
-    downloaded, ever.
+    """List what a recipe's `model:` can name here, with each one's family: the builtins,
+    diffusers pipelines in the local Hugging Face cache, and pipelines and single-file
+    checkpoints in FOLDERS (or one level below); a file or folder batchgen would not render (a
+    LoRA, a VAE, FLUX) is listed with why. Nothing is loaded or downloaded, ever.
 
     \b
     Example:

@@ -456,6 +456,14 @@ def test_a_compile_that_cannot_work_here_stops_the_run_with_what_to_do(
     assert invoke("run", str(recipe))[0] == 0  # without it, the same command finishes
 
 
+def test_offload_on_the_cpu_stops_the_run_before_any_job_with_what_to_do(recipe: Path) -> None:
+    code, output = invoke("run", str(recipe), "--device", "cpu", "--fast", "offload")
+    assert code == 2, output
+    assert "--fast offload keeps the models in CPU memory" in output
+    assert "run without it" in output
+    assert not (recipe.parent / "out" / "manifest.csv").exists()  # no job made, none failed
+
+
 def test_fast_paths_are_opt_in_recorded_and_change_pixels_within_a_level(
     recipe: Path, tmp_path: Path
 ) -> None:

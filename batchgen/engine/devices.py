@@ -123,6 +123,9 @@ class FastPaths:
     vae_tiling: bool = False  # decode/encode large images tile by tile: less memory
     vae_slicing: bool = False  # decode a batch one image at a time: less memory
     tf32: bool = False  # TF32 float32 matmuls and convolutions on Ampere and later GPUs
+    # Model CPU offload (diffusers' enable_model_cpu_offload): each model is moved to the GPU
+    # for its calls and back when the next one runs: a GPU that cannot hold them all, slower.
+    offload: bool = False
 
     def __str__(self) -> str:
         """The ones on, comma-separated: what the manifest records ("" for none)."""

@@ -35,7 +35,7 @@ from batchgen.engine.devices import (
     resolve_device,
     resolve_dtype,
 )
-from batchgen.engine.families.base import Family, PromptEmbedding, PromptText
+from batchgen.engine.families.base import OFFLOAD_DEVICES, Family, PromptEmbedding, PromptText
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.masks import latent_mask
 from batchgen.engine.schedulers import scheduler_spec
@@ -111,10 +111,22 @@ class Engine:
         self.torch_dtype: torch.dtype = getattr(torch, self.dtype)
         self.fast_paths = fast_paths
 
+        if fast_paths.offload and not self.device.startswith(OFFLOAD_DEVICES):
+            raise FastPathFailedError(
+                f"--fast offload keeps the models in CPU memory and moves each to the GPU while "
+                f"it runs; this run is on {self.device}, with nothing to offload from: run "
+                "without it"
+            )
+
         def load(source: ModelSource) -> Family:
             family_class = FAMILIES[source.family].load_class()
             family: Family = family_class.load(
-                source, self.torch_dtype, self.device, vae=vae, variant=variant
+                source,
+                self.torch_dtype,
+                self.device,
+                vae=vae,
+                variant=variant,
+                offload=fast_paths.offload,
             )
             self._apply_fast_paths(family)
             return family

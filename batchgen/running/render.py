@@ -208,6 +208,8 @@ class EngineLoader:
                 fast_paths=self.fast_paths,
                 refiners=self.refiners,
             )
+        except FastPathFailedError:
+            raise  # not the model's fault: what to run without
         except Exception as error:  # noqa: BLE001 — reported as what it is: a model to fix
             raise BadInputError(
                 f"cannot load model `{model.reference}` from {model.path}: "

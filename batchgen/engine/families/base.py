@@ -11,6 +11,25 @@ import torch
 
 from batchgen.models.source import ModelSource
 
+# Devices whose memory is not the CPU's: what `--fast offload` can offload from.
+OFFLOAD_DEVICES = ("cuda", "mps")
+
+
+def place(models: Sequence[torch.nn.Module], device: str, offload: bool = False) -> None:
+    """A family's models in eval mode without gradients, on `device`; with `offload` in CPU
+    memory instead, each moved to `device` for its calls and back to the CPU when the one after
+    it in `models` runs (accelerate's hooks, as diffusers' model CPU offload): give them in the
+    order they run."""
+    hook = None
+    for model in models:
+        model.eval().requires_grad_(False)
+        if offload:
+            from accelerate import cpu_offload_with_hook
+
+            _, hook = cpu_offload_with_hook(model, device, prev_module_hook=hook)
+        else:
+            model.to(device)
+
 
 @dataclass(frozen=True)
 class LatentFormat:
@@ -72,7 +91,11 @@ class Family(Protocol):
         *,
         vae: ModelSource | None,
         variant: str | None,
-    ) -> Self: ...
+        offload: bool = False,
+    ) -> Self:
+        """The model's components in `torch_dtype` on `device` (with `offload`: in CPU memory,
+        each moved to `device` while it runs; see `place`)."""
+        ...
 
     def encode_prompt(self, prompt: PromptText, clip_skip: int) -> PromptEmbedding:
         """One prompt's embedding: encoded alone, so that it does not depend on which prompts

@@ -60,8 +60,11 @@ class StableDiffusion:
         *,
         vae: ModelSource | None = None,
         variant: str | None = None,
+        offload: bool = False,
     ) -> Self:
-        parts = load_components(source, torch_dtype, device, vae=vae, variant=variant)
+        parts = load_components(
+            source, torch_dtype, device, vae=vae, variant=variant, offload=offload
+        )
         return cls(
             parts.tokenizer,
             parts.text_encoder,

@@ -24,6 +24,7 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from batchgen.engine.families.base import place
 from batchgen.errors import BatchgenError
 from batchgen.models.source import CLIP_BPE_DIR, CONFIGS_DIR, ModelSource, detect_config
 
@@ -57,8 +58,10 @@ def load_components(
     *,
     vae: ModelSource | None = None,
     variant: str | None = None,
+    offload: bool = False,
 ) -> Components:
-    """The model's components in `torch_dtype` on `device`, in eval mode without gradients.
+    """The model's components in `torch_dtype` on `device`, in eval mode without gradients
+    (with `offload`, in CPU memory until each runs: `place`).
 
     `vae` replaces the model's VAE; `variant` (e.g. "fp16") selects diffusers folders' variant
     weight files (`*.fp16.safetensors`) and does not apply to single files.
@@ -75,13 +78,7 @@ def load_components(
         components = _components_from_folder(source.path, torch_dtype, variant)
     if vae is not None:
         components.vae = load_vae(vae, torch_dtype, base_config=config)
-    models: tuple[torch.nn.Module, ...] = (
-        components.text_encoder,
-        components.vae,
-        components.unet,
-    )
-    for model in models:
-        model.to(device).eval().requires_grad_(False)
+    place((components.text_encoder, components.unet, components.vae), device, offload)
     return components
 
 

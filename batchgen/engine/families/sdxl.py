@@ -74,10 +74,12 @@ class StableDiffusionXL:
         *,
         vae: ModelSource | None = None,
         variant: str | None = None,
+        offload: bool = False,
     ) -> Self:
-        return cls(
-            load_xl_components(source, torch_dtype, device, vae=vae, variant=variant), device
+        parts = load_xl_components(
+            source, torch_dtype, device, vae=vae, variant=variant, offload=offload
         )
+        return cls(parts, device)
 
     @property
     def text_dtype(self) -> torch.dtype:

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from batchgen.engine.families.base import place
 from batchgen.engine.families.sd_loading import (
     UNet,
     Vae,
@@ -56,6 +57,7 @@ def load_xl_components(
     *,
     vae: ModelSource | None = None,
     variant: str | None = None,
+    offload: bool = False,
 ) -> XLComponents:
     """The model's components in `torch_dtype` on `device`, eval mode, no gradients. SDXL's
     VAE overflows in float16: where its config says `force_upcast`, it stays in float32 (as
@@ -71,8 +73,7 @@ def load_xl_components(
         parts.vae = load_vae(vae, torch_dtype, base_config=folder)
     if torch_dtype == torch.float16 and parts.vae.config.force_upcast:
         parts.vae.to(torch.float32)
-    for model in (*parts.text_encoders, parts.vae, parts.unet):
-        model.to(device).eval().requires_grad_(False)
+    place((*parts.text_encoders, parts.unet, parts.vae), device, offload)
     return parts
 
 
