@@ -86,6 +86,41 @@ def test_a_single_file_of_another_family_is_named_from_its_keys(
         load_recipe(recipe_for(tmp_path, str(path)))
 
 
+@pytest.mark.parametrize(
+    ("keys", "what", "hint"),
+    [
+        (
+            ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
+            "a LoRA (or LyCORIS) file",
+            "LoRAs",
+        ),
+        (
+            ["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"],
+            "a LoRA (or LyCORIS) file",
+            "LoRAs",
+        ),
+        (["encoder.conv_in.weight", "decoder.conv_out.weight"], "a VAE", "`vae:`"),
+        (["first_stage_model.decoder.conv_out.weight"], "a VAE", "`vae:`"),
+        (["emb_params"], "a textual-inversion embedding", "embeddings"),
+        (["clip_l", "clip_g"], "a textual-inversion embedding", "embeddings"),
+        (["control_model.input_hint_block.0.weight"], "a ControlNet", "ControlNet"),
+    ],
+)
+def test_a_file_that_is_no_model_is_named_for_what_it_is_at_its_line(
+    tmp_path: Path, keys: list[str], what: str, hint: str
+) -> None:
+    """Users keep LoRAs, VAEs and embeddings beside their checkpoints, and name one as
+    `model:` by mistake: `validate` says what the file is and where it goes."""
+    path = tmp_path / "file.safetensors"
+    save_file({key: torch.zeros(1) for key in keys}, path)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe_for(tmp_path, str(path)))
+    [problem] = caught.value.problems
+    assert (problem.field, problem.line) == ("model", 1)
+    assert problem.message == f"{path} is {what}, not a model"
+    assert problem.hint is not None and hint in problem.hint
+
+
 def test_validate_refuses_another_family_without_importing_torch(tmp_path: Path) -> None:
     folder = pipeline_folder(tmp_path, "FluxPipeline")
     recipe = recipe_for(tmp_path, str(folder))

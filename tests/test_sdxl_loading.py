@@ -3,6 +3,8 @@ the shipped configs (or `config:`), and rendering the pixels of the folder they 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,48 @@ def test_the_example_sdxl_recipe_validates_once_its_files_are_in_place(tmp_path:
         CONFIGS_DIR / "sdxl-refiner"
     ]
     assert recipe.axes["refiner_switch"] == (0.7, 0.8)
+
+
+def test_a_vae_file_or_folder_replaces_sdxls_and_one_made_for_float16_stays_in_it(
+    tiny_sdxl_folder: Path, tmp_path: Path
+) -> None:
+    """`vae:` on SDXL: its own VAE as a single file (the form of the fp16-fixed SDXL VAE) gives
+    its pixels; a VAE folder whose config says it is safe in float16 (`force_upcast: false`,
+    as the fp16-fixed one's) is not kept in float32."""
+    parts = load_xl_components(resolve_model(str(tiny_sdxl_folder), Path(".")), FLOAT32, "cpu")
+    vae_file = tmp_path / "sdxl_vae.safetensors"
+    safetensors.torch.save_file(
+        {
+            k: t.contiguous()
+            for k, t in vae_to_original(parts.vae.state_dict(), parts.vae.config).items()
+        },
+        vae_file,
+    )
+    safe_vae = shutil.copytree(tiny_sdxl_folder / "vae", tmp_path / "fp16-vae")
+    config = json.loads((safe_vae / "config.json").read_text(encoding="utf-8"))
+    (safe_vae / "config.json").write_text(json.dumps(config | {"force_upcast": False}))
+    (tmp_path / "pictures").mkdir()
+    gradient(tmp_path / "pictures" / "gradient.png")
+    recipe = (
+        f"model: {tiny_sdxl_folder}\ninit_images: pictures/gradient.png\nprompts: fire\n"
+        "strength: 0.6\nsteps: 5\nseeds: 3\n"
+    )
+    runs = {"own": "", "file": f"vae: {vae_file.name}\n", "fp16": f"vae: {safe_vae.name}\n"}
+    rows = {}
+    for name, vae in runs.items():
+        (tmp_path / f"{name}.yaml").write_text(recipe + vae)
+        dtype = "float16" if name == "fp16" else "float32"
+        result = batchgen.run(
+            tmp_path / f"{name}.yaml", output=tmp_path / name, dtype=dtype, quiet=True
+        )
+        assert (result.made, result.exit_code) == (1, 0)
+        (rows[name],) = Manifest(tmp_path / name).latest().values()
+
+    assert rows["file"].vae.startswith("file:") and rows["own"].vae == ""
+    with (
+        Image.open(tmp_path / "own" / rows["own"].path) as a,
+        Image.open(tmp_path / "file" / rows["file"].path) as b,
+    ):
+        assert max_level_difference(a, b) <= 1
+        assert "VAE: sdxl_vae.safetensors" in b.info["parameters"]
+    assert rows["fp16"].fast_paths == ""  # decoded in float16, as its config allows

@@ -42,8 +42,8 @@ class FamilyEntry:
 class UnsupportedFamilyError(BatchgenError):
     """A model of a family batchgen does not render (yet); `hint` lists those it does."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, f"batchgen renders: {supported()}")
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint or f"batchgen renders: {supported()}")
 
 
 FAMILIES: dict[str, FamilyEntry] = {}
@@ -60,6 +60,55 @@ NOT_YET_RENDERED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("double_blocks.", "model.diffusion_model.double_blocks."),
     ),
 }
+
+
+@dataclass(frozen=True)
+class NotAModel:
+    """A kind of file people keep beside their checkpoints that holds no model to render."""
+
+    what: str  # "a LoRA": how a message names it
+    markers: tuple[str, ...]  # a tensor name holding one of these is of the kind…
+    only_prefixes: tuple[str, ...] = ()  # …or one whose every tensor name starts with these
+    hint: str = ""
+
+    def matches(self, keys: list[str]) -> bool:
+        if any(marker in key for key in keys for marker in self.markers):
+            return True
+        return bool(self.only_prefixes) and all(key.startswith(self.only_prefixes) for key in keys)
+
+
+NOT_MODELS = (
+    NotAModel(
+        "a LoRA (or LyCORIS) file",
+        # kohya/A1111, diffusers/PEFT, diffusers' older attention processors, LyCORIS
+        ("lora_down", "lora_up", "lora_A.", "lora_B.", "lora_unet_", "lora_te", "_lora.", "hada_")
+        + ("lokr_",),
+        hint="batchgen does not apply LoRAs yet: give `model:` the checkpoint it was made for",
+    ),
+    NotAModel(
+        "a ControlNet",
+        ("control_model.", "controlnet_cond_embedding", "controlnet_down_blocks"),
+        hint="batchgen has no ControlNet: give `model:` a full checkpoint",
+    ),
+    NotAModel(
+        "a textual-inversion embedding",
+        ("emb_params", "string_to_param"),
+        only_prefixes=("clip_l", "clip_g"),  # SDXL's embeddings: one tensor per encoder
+        hint="batchgen does not load embeddings yet: give `model:` a full checkpoint",
+    ),
+    NotAModel(
+        "a VAE",
+        (),
+        only_prefixes=(
+            "encoder.",
+            "decoder.",
+            "quant_conv.",
+            "post_quant_conv.",
+            "first_stage_model.",
+        ),
+        hint="give it as `vae:` (it replaces the model's VAE), with a full checkpoint as `model:`",
+    ),
+)
 
 
 def register_family(entry: FamilyEntry) -> None:
@@ -127,6 +176,9 @@ def family_of_checkpoint(keys: Iterable[str], path: Path) -> FamilyEntry:
     for entry in reversed(FAMILIES.values()):
         if any(key.startswith(entry.checkpoint_prefixes) for key in keys):
             return entry
+    for kind in NOT_MODELS:
+        if keys and kind.matches(keys):
+            raise UnsupportedFamilyError(f"{path} is {kind.what}, not a model", kind.hint)
     raise UnsupportedFamilyError(
         f"{path} holds no model batchgen knows (no UNet or transformer of a family it renders);"
         " is it a VAE, a LoRA or an embedding rather than a full model?"
