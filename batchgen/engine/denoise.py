@@ -127,7 +127,7 @@ def denoise(
         on_step(StepState(0, float(timesteps[0]), latents, None))
     for index, (stage, t) in enumerate(steps, start=1):
         model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
-        model_input = stage.scheduler.scale_model_input(model_input, t)
+        model_input = scaled_model_input(stage.scheduler, model_input, t)
         if stage.extra_channels is not None:
             extra = stage.extra_channels
             extra = torch.cat([extra] * 2) if do_classifier_free_guidance else extra
@@ -146,7 +146,7 @@ def denoise(
             # The kept region back, at the noise level of the step to come (clean after the
             # last): the model paints the rest to fit around it.
             known = (
-                stage.scheduler.add_noise(init_latents, noise, steps[index][1].repeat(len(jobs)))
+                noised(stage.scheduler, init_latents, noise, steps[index][1].repeat(len(jobs)))
                 if index < len(steps)
                 else init_latents
             )
@@ -175,6 +175,22 @@ def get_timesteps(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin_index)
     return scheduler.timesteps[begin_index:]
+
+
+def noised(
+    scheduler: Scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Clean latents noised to `timesteps` (one per sample), as the scheduler's pipelines do:
+    flow matching's `scale_noise` (σ·noise + (1 − σ)·clean), the others' `add_noise`."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(clean, timesteps, noise)
+    return scheduler.add_noise(clean, noise, timesteps)
+
+
+def scaled_model_input(scheduler: Scheduler, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The denoiser's input at `t`: flow-matching schedulers have no scaling (nor the method)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return sample if scale is None else scale(sample, t)
 
 
 def with_refiner(
@@ -252,12 +268,16 @@ def predicted_original_sample(
     Most schedulers return it: `pred_original_sample` from DDIM, DDPM, LMS, Euler, Euler a,
     Heun, DPM2 and DPM2 a, `denoised` from LCM. PLMS, DPM++ (2M, 2S), DEIS and UniPC don't; all
     are variance-preserving (x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε), so x0 follows from the model's
-    output as in DDIM's step. None for a prediction type that formula does not cover.
+    output as in DDIM's step. Flow matching's Euler doesn't either: x0 = x_t − σ·v. None for a
+    prediction type these formulas do not cover.
     """
     for name in ("pred_original_sample", "denoised"):
         predicted = getattr(step_output, name, None)
         if predicted is not None:
             return predicted
+    if hasattr(scheduler, "scale_noise"):  # flow matching: x_t = σ·ε + (1 − σ)·x0, v = ε − x0
+        sigma = timestep.to(sample.device, sample.dtype) / scheduler.config.num_train_timesteps
+        return sample - sigma * model_output
     alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
     if alphas_cumprod is None:
         return None

@@ -27,7 +27,7 @@ from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
-from batchgen.engine.denoise import Scheduler, StepCallback, denoise
+from batchgen.engine.denoise import Scheduler, StepCallback, denoise, noised
 from batchgen.engine.devices import (
     NO_FAST_PATHS,
     FastPathFailedError,
@@ -390,7 +390,7 @@ class Engine:
         )
         if any(job.variations for job in jobs):
             noise = torch.cat([varied_noise(job, noise[k : k + 1]) for k, job in enumerate(jobs)])
-        latents = scheduler.add_noise(init_latents, noise, first_timestep.repeat(len(samples)))
+        latents = noised(scheduler, init_latents, noise, first_timestep.repeat(len(samples)))
         return latents, noise, init_latents
 
     def decode_batch(self, latents: torch.Tensor, family: Family | None = None) -> np.ndarray:

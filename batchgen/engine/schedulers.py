@@ -24,6 +24,9 @@ class SchedulerSpec:
     config: dict[str, object] = field(default_factory=dict)  # overrides on the model's config
     options: tuple[str, ...] = ()  # the user's options, sorted: part of the job id
     schedule_type: str = ""  # A1111's "Schedule type:" (Karras), empty for the default
+    # Flow matching's (SD 3, FLUX), for velocity-predicting transformers; the others are the
+    # noise-predicting UNets' (SD 1.x/2.x, SDXL). Neither kind works on the other's models.
+    flow: bool = False
 
     @property
     def canonical(self) -> str:
@@ -64,7 +67,23 @@ DIFFUSERS_SCHEDULERS: dict[str, SchedulerSpec] = {
 # PNDM without PRK steps is what SD checkpoints ship; with them img2img skips oddly.
 DIFFUSERS_SCHEDULERS["PNDMScheduler"] = INVOKEAI_SCHEDULERS["plms"]
 
-SCHEDULER_NAMES: tuple[str, ...] = (*INVOKEAI_SCHEDULERS, *DIFFUSERS_SCHEDULERS)
+# Flow matching's schedulers, by a short name and by class, with the names Forge writes.
+FLOW_SCHEDULERS: dict[str, SchedulerSpec] = {
+    "flow_euler": SchedulerSpec("FlowMatchEulerDiscreteScheduler", "Euler", flow=True),
+    "flow_heun": SchedulerSpec("FlowMatchHeunDiscreteScheduler", "Heun", flow=True),
+}
+DIFFUSERS_SCHEDULERS |= {spec.class_name: spec for spec in FLOW_SCHEDULERS.values()}
+
+# The UNet families' names (flow matching's are FLOW_SCHEDULER_NAMES).
+SCHEDULER_NAMES: tuple[str, ...] = tuple(
+    name
+    for name in (*INVOKEAI_SCHEDULERS, *DIFFUSERS_SCHEDULERS)
+    if not (INVOKEAI_SCHEDULERS.get(name) or DIFFUSERS_SCHEDULERS[name]).flow
+)
+FLOW_SCHEDULER_NAMES: tuple[str, ...] = (
+    *FLOW_SCHEDULERS,
+    *(s.class_name for s in FLOW_SCHEDULERS.values()),
+)
 
 
 # Options a scheduler name may carry, and the config they set on the diffusers class.
@@ -96,7 +115,11 @@ class UnknownSchedulerError(BatchgenError):
 def scheduler_spec(name: str) -> SchedulerSpec:
     """The scheduler a name (with its options, if any) stands for."""
     base_name, _, option_text = name.partition(":")
-    base = INVOKEAI_SCHEDULERS.get(base_name) or DIFFUSERS_SCHEDULERS.get(base_name)
+    base = (
+        INVOKEAI_SCHEDULERS.get(base_name)
+        or FLOW_SCHEDULERS.get(base_name)
+        or DIFFUSERS_SCHEDULERS.get(base_name)
+    )
     if base is None:
         raise UnknownSchedulerError(base_name)
     options = tuple(sorted({o.strip() for o in option_text.split(",") if o.strip()}))
@@ -106,4 +129,6 @@ def scheduler_spec(name: str) -> SchedulerSpec:
             raise UnknownSchedulerError(name, option)
         config |= SCHEDULER_OPTIONS[option]
     schedule_type = "Karras" if "karras" in options else ""
-    return SchedulerSpec(base.class_name, base.a1111_name, config, options, schedule_type)
+    return SchedulerSpec(
+        base.class_name, base.a1111_name, config, options, schedule_type, flow=base.flow
+    )

@@ -21,7 +21,8 @@ from typing import Any
 
 from batchgen.engine.images import output_size, upscaled_size
 from batchgen.jobs.job import Job, nominal_steps, taken_steps
-from batchgen.models.source import native_side
+from batchgen.models.families import FAMILIES
+from batchgen.models.source import native_side, own_scheduler
 from batchgen.recipe.load import AXES, Recipe
 from batchgen.recipe.problems import Problem
 
@@ -102,7 +103,7 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         steps_mode=recipe.steps_mode,
         cfg=float(combination["cfg"]),
         seed=int(combination["seed"]),
-        scheduler=combination["scheduler"],
+        scheduler=_scheduler(recipe, combination),
         width=width,
         height=height,
         fit=recipe.fit,
@@ -118,6 +119,14 @@ def _job(recipe: Recipe, index: int, combination: Combination, dtype: str) -> Jo
         final_size=final_size,
         **_refiner_fields(recipe, combination),
     )
+
+
+def _scheduler(recipe: Recipe, combination: Combination) -> str:
+    """The combination's scheduler; a flow-matching model's own where the recipe names none."""
+    model = combination["model"]
+    if recipe.scheduler_written or not FAMILIES[model.family].flow_matching:
+        return str(combination["scheduler"])
+    return own_scheduler(model)
 
 
 def _refiner_fields(recipe: Recipe, combination: Combination) -> dict[str, Any]:

@@ -30,6 +30,9 @@ class FamilyEntry:
     checkpoint_prefixes: tuple[str, ...]
     # "module:Class" of its engine/families class (or the class itself, for a test's family).
     implementation: str | type
+    # Flow matching (SD 3, FLUX): its schedulers are flow matching's, and a recipe that names
+    # none gets the model's own instead of batchgen's default (k_lms).
+    flow_matching: bool = False
 
     def load_class(self) -> Any:
         """The class that loads and runs models of this family (imports torch)."""
@@ -51,10 +54,6 @@ FAMILIES: dict[str, FamilyEntry] = {}
 # Families people bring that have no row yet: named, so that a refusal says what the model is.
 # Their tensor prefixes are checked before the rendered families'.
 NOT_YET_RENDERED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "Stable Diffusion 3": (
-        ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
-        ("model.diffusion_model.joint_blocks.", "joint_blocks."),
-    ),
     "FLUX": (
         ("FluxPipeline", "FluxImg2ImgPipeline"),
         ("double_blocks.", "model.diffusion_model.double_blocks."),
@@ -210,5 +209,16 @@ register_family(
         ),
         checkpoint_prefixes=("conditioner.embedders.",),
         implementation="batchgen.engine.families.sdxl:StableDiffusionXL",
+    )
+)
+
+register_family(
+    FamilyEntry(
+        name="sd3",
+        title="Stable Diffusion 3",
+        pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+        checkpoint_prefixes=("model.diffusion_model.joint_blocks.", "joint_blocks."),
+        implementation="batchgen.engine.families.sd3:StableDiffusion3",
+        flow_matching=True,
     )
 )

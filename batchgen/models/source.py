@@ -68,6 +68,20 @@ class ModelSource:
 
 
 @functools.lru_cache(maxsize=64)
+def own_scheduler(model: ModelSource) -> str:
+    """The diffusers class of the model's own scheduler (its scheduler_config.json's
+    `_class_name`), or "" where no config says."""
+    folder = model.config or model.path
+    try:
+        config = json.loads(
+            (folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
+        )
+        return str(config["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+@functools.lru_cache(maxsize=64)
 def native_side(model: ModelSource) -> int:
     """The image side the model was trained at (its UNet's sample size × the VAE's 8), read
     from its config; SD 1.x's 512 when no config can be read (a `.ckpt`)."""
@@ -332,7 +346,17 @@ def detect_xl_config(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
     return CONFIGS_DIR / kind
 
 
-CONFIG_DETECTORS = {"sd": detect_config, "sdxl": detect_xl_config}
+def no_single_files(shapes: Mapping[str, Sequence[int]], path: Path) -> Path:
+    """A family whose single files batchgen cannot load yet (SD 3: their text encoders come in
+    several layouts, with or without T5)."""
+    raise ModelNotFoundError(
+        f"{path} is a Stable Diffusion 3 checkpoint; batchgen loads SD 3 from diffusers folders "
+        "only, so far",
+        hint="point `model:` at the model's diffusers folder (or its hub id in the local cache)",
+    )
+
+
+CONFIG_DETECTORS = {"sd": detect_config, "sdxl": detect_xl_config, "sd3": no_single_files}
 
 
 def hub_cache_dir() -> Path:

@@ -22,7 +22,7 @@ from pydantic import (
 
 from batchgen import __version__
 from batchgen.engine.images import InitImageError, read_header
-from batchgen.engine.schedulers import UnknownSchedulerError, scheduler_spec
+from batchgen.engine.schedulers import FLOW_SCHEDULER_NAMES, UnknownSchedulerError, scheduler_spec
 from batchgen.jobs.job import InitImage, Job, StepsMode
 from batchgen.jobs.parameters import AXIS_OF_KEY
 from batchgen.models.families import FAMILIES, UnsupportedFamilyError, is_refiner_folder
@@ -31,6 +31,7 @@ from batchgen.models.source import (
     ConfigNotFoundError,
     ModelNotFoundError,
     ModelSource,
+    own_scheduler,
     resolve_model,
     resolve_vae,
 )
@@ -95,6 +96,9 @@ class Recipe:
     keep_size: bool = False
     prompt_2: str = ""  # SDXL's second text encoder's prompts; "": the same as the first
     negative_prompt_2: str = ""
+    # Whether the recipe names its schedulers: where it does not, a flow-matching model (SD 3)
+    # renders with its own, the others with batchgen's default (k_lms).
+    scheduler_written: bool = True
     lines: dict[str, int] = field(default_factory=dict)  # top-level key → line, for later errors
     warnings: tuple[Problem, ...] = ()
 
@@ -201,6 +205,13 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
     return recipe
 
 
+def _is_flow_scheduler(name: str) -> bool:
+    try:
+        return scheduler_spec(name).flow
+    except UnknownSchedulerError:
+        return False  # reported where the name is checked
+
+
 def _refiner_values(spec: RefinerSpec | None) -> tuple[Any, Any]:
     return (spec.model, spec.switch) if spec is not None else (None, None)
 
@@ -281,6 +292,7 @@ class _Resolver:
         self._check_config()
         self._check_second_prompts(axes["model"])
         self._check_refined_models(axes["model"])
+        self._check_scheduler_kinds(axes["model"], axes["scheduler"])
         return Recipe(
             path=self.doc.file,
             name=name,
@@ -311,6 +323,7 @@ class _Resolver:
             keep_size=shape.keep_size,
             prompt_2=shape.prompt_2,
             negative_prompt_2=shape.negative_prompt_2,
+            scheduler_written="scheduler" in self.doc.data,
             lines={str(k[0]): v for k, v in self.doc.lines.items() if len(k) == 1},
             warnings=tuple(self.warnings),
         )
@@ -412,6 +425,36 @@ class _Resolver:
                 f"{describe_model(model)}",
                 "use an SDXL base model as `model:`, or remove `refiner:`",
             )
+
+    def _check_scheduler_kinds(
+        self, models: Sequence[ModelSource], schedulers: Sequence[str]
+    ) -> None:
+        """Flow-matching models take flow matching's schedulers, the others theirs; a recipe
+        that names none gives a flow model its own, which batchgen must know."""
+        written = "scheduler" in self.doc.data
+        for model in models:
+            flow = FAMILIES[model.family].flow_matching
+            if not written:
+                own = own_scheduler(model)
+                if flow and not _is_flow_scheduler(own):
+                    self.fail(
+                        ("model",),
+                        f"`{model.reference}`'s own scheduler `{own or '(none)'}` is not one "
+                        "batchgen runs flow-matching models with",
+                        f"name one: `scheduler: {FLOW_SCHEDULER_NAMES[0]}`",
+                    )
+                continue
+            wrong = [name for name in schedulers if _is_flow_scheduler(name) != flow]
+            if wrong:
+                kind = "flow-matching" if flow else "noise-predicting UNet"
+                right = FLOW_SCHEDULER_NAMES[:2] if flow else ("k_lms", "k_euler")
+                self.fail(
+                    ("scheduler",),
+                    f"{', '.join(f'`{name}`' for name in wrong)} cannot run `{model.reference}`, "
+                    f"a {FAMILIES[model.family].title} ({kind}) model",
+                    f"use {' or '.join(right)}, or see `batchgen schedulers`"
+                    + ("; left out, the model's own is used" if flow else ""),
+                )
 
     def _vae(self) -> ModelSource | None:
         if self.shape.vae is None:

@@ -9,21 +9,22 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from batchgen.engine.schedulers import DIFFUSERS_SCHEDULERS, INVOKEAI_SCHEDULERS
+from batchgen.engine.schedulers import DIFFUSERS_SCHEDULERS, FLOW_SCHEDULERS, INVOKEAI_SCHEDULERS
 from batchgen.models.source import hub_cache_dir, list_models
 
 
 def print_schedulers() -> None:
-    """Every name `scheduler:` takes, InvokeAI's first, with its class and A1111 name."""
+    """Every name `scheduler:` takes, InvokeAI's first, with its class, A1111 name and the
+    families it is for."""
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("name", "diffusers class", "AUTOMATIC1111 name"):
+    for column in ("name", "diffusers class", "AUTOMATIC1111 name", "for"):
         table.add_column(column)
-    for name, spec in INVOKEAI_SCHEDULERS.items():
-        table.add_row(name, spec.class_name, spec.a1111_name)
-    named = {spec.class_name for spec in INVOKEAI_SCHEDULERS.values()}
-    for name, spec in DIFFUSERS_SCHEDULERS.items():
-        if name not in named:
-            table.add_row(name, spec.class_name, spec.a1111_name)
+    short_names = INVOKEAI_SCHEDULERS | FLOW_SCHEDULERS
+    named = {spec.class_name for spec in short_names.values()}
+    unnamed = {name: spec for name, spec in DIFFUSERS_SCHEDULERS.items() if name not in named}
+    for name, spec in (short_names | unnamed).items():
+        families = "SD 3 (flow matching)" if spec.flow else "SD 1.x/2.x, SDXL"
+        table.add_row(name, spec.class_name, spec.a1111_name, families)
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table)
     console.print(
