@@ -61,6 +61,7 @@ class StableDiffusion3:
 
     def __init__(self, parts: SD3Components, device: str) -> None:
         self.parts = parts
+        self.text_encoders = [*parts.clip_encoders, *filter(None, [parts.t5_encoder])]
         self.vae = parts.vae
         self.denoiser = parts.transformer
         self.scheduler_config = parts.scheduler_config
