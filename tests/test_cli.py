@@ -456,6 +456,14 @@ def test_a_compile_that_cannot_work_here_stops_the_run_with_what_to_do(
     assert invoke("run", str(recipe))[0] == 0  # without it, the same command finishes
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_run_reports_its_peak_gpu_memory(recipe: Path) -> None:
+    code, output = invoke("run", str(recipe), "--device", "cuda")
+    assert code == 0, output
+    assert "peak GPU memory" in output and " GB → " in output
+
+
 def test_offload_on_the_cpu_stops_the_run_before_any_job_with_what_to_do(recipe: Path) -> None:
     code, output = invoke("run", str(recipe), "--device", "cpu", "--fast", "offload")
     assert code == 2, output

@@ -228,6 +228,15 @@ class EngineLoader:
         )
         return engine
 
+    def peak_gpu_bytes(self) -> int:
+        """The most GPU memory torch held at once in this process (0 off CUDA, or when no
+        model loaded): what the run summary reports."""
+        if self.engine is None or not self.engine.device.startswith("cuda"):
+            return 0
+        import torch  # loaded with the engine
+
+        return int(torch.cuda.max_memory_allocated(self.engine.device))
+
 
 def planned_batches(
     plan: Plan, engines: EngineLoader, batch_size: BatchSize, wanted: set[str]

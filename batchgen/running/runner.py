@@ -74,6 +74,7 @@ class RunResult:
     seconds: float
     adopted: int = 0  # images a killed run wrote but did not record, recorded now
     storage_error: str = ""  # why writing stopped the run, if it did
+    peak_gpu_bytes: int = 0  # the most GPU memory torch held at once; 0 off the GPU
 
     @property
     def exit_code(self) -> int:
@@ -243,6 +244,7 @@ def _run_plan(
     made = failed = 0
     stopped_by: int | None = None
     storage_error = ""
+    peak_gpu_bytes = 0
     if to_make:
         reporter.message(
             f"{recipe.name}{f' shard {shard}' if shard else ''}: {len(to_make)} to do, "
@@ -256,6 +258,7 @@ def _run_plan(
         except _Stopped as stop:
             made, failed, storage_error = stop.made, stop.failed, str(stop.error)
             reporter.warning(storage_error)
+        peak_gpu_bytes = engines.peak_gpu_bytes()
     elif shard and not plan.has_mine:
         reporter.message(
             f"nothing to do: shard {shard} has no batches (the sweep has {plan.shard_batches})"
@@ -281,6 +284,7 @@ def _run_plan(
         time.perf_counter() - started,
         adopted=adopted,
         storage_error=storage_error,
+        peak_gpu_bytes=peak_gpu_bytes,
     )
     if to_make:
         reporter.message(_summary(result, len(to_make)))
@@ -408,7 +412,10 @@ def _summary(result: RunResult, planned: int) -> str:
     text = f"{result.made} made, {result.failed} failed"
     if result.already_done:
         text += f", {result.already_done} already done"
-    text += f" in {result.seconds:.1f}s → {result.output}"
+    text += f" in {result.seconds:.1f}s"
+    if result.peak_gpu_bytes:
+        text += f", peak GPU memory {result.peak_gpu_bytes / 1e9:.1f} GB"
+    text += f" → {result.output}"
     again = "run the same command again"
     left = planned - result.made - result.failed
     if result.storage_error:
