@@ -60,7 +60,7 @@ AXES: tuple[str, ...] = tuple(
 
 # The recipe keys that go to a second text encoder, and the families that have one.
 SECOND_PROMPTS = ("prompt_2", "negative_prompt_2")
-TWO_ENCODERS = frozenset({"sdxl"})
+TWO_ENCODERS = frozenset({"sdxl", "sd3"})
 # The axes of `refiner:`, in a recipe's axes only when it has one: the refiner right after the
 # model (each loads once), its switch just before the variations.
 REFINER_AXES = ("refiner", "refiner_switch")
@@ -367,9 +367,9 @@ class _Resolver:
             if getattr(self.shape, key) and single_encoder:
                 self.fail(
                     (key,),
-                    f"goes to SDXL's second text encoder, and {', '.join(single_encoder)} "
-                    "has only one",
-                    "remove it, or use an SDXL model",
+                    "goes to a second CLIP text encoder (SDXL's and SD 3's OpenCLIP bigG), and "
+                    f"{', '.join(single_encoder)} has only one",
+                    "remove it, or use an SDXL or SD 3 model",
                 )
 
     def _refiner_axes(self) -> dict[str, tuple[Any, ...]]:
