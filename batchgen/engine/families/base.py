@@ -45,6 +45,22 @@ class LatentFormat:
     latent_rgb_factors: tuple[tuple[float, float, float], ...]
     latent_rgb_source: str
 
+    @classmethod
+    def of_vae(
+        cls, vae: Any, latent_rgb_factors: tuple[tuple[float, float, float], ...], source: str
+    ) -> LatentFormat:
+        """The latents of an AutoencoderKL, from its config (as the pipelines read it: the VAE
+        halves the size once per down block but the last), with a family's preview factors."""
+        config = vae.config
+        return cls(
+            channels=config.latent_channels,
+            scaling_factor=config.scaling_factor,
+            shift_factor=config.get("shift_factor") or 0.0,
+            vae_scale_factor=2 ** (len(config.block_out_channels) - 1),
+            latent_rgb_factors=latent_rgb_factors,
+            latent_rgb_source=source,
+        )
+
     def from_vae(self, sample: torch.Tensor) -> torch.Tensor:
         return (sample - self.shift_factor) * self.scaling_factor
 

@@ -40,15 +40,7 @@ class StableDiffusion:
         self.denoiser = unet
         self.scheduler_config = scheduler_config
         self.device = device
-        self.latent_format = LatentFormat(
-            channels=vae.config.latent_channels,
-            scaling_factor=vae.config.scaling_factor,
-            shift_factor=vae.config.get("shift_factor") or 0.0,
-            # As the pipeline: the VAE halves the size once per down block but the last.
-            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-            latent_rgb_factors=LATENT_RGB_FACTORS,
-            latent_rgb_source="SD 1.x factors",
-        )
+        self.latent_format = LatentFormat.of_vae(vae, LATENT_RGB_FACTORS, "SD 1.x factors")
         self.inpainting = unet.config.in_channels == INPAINTING_CHANNELS
 
     @classmethod

@@ -66,14 +66,7 @@ class StableDiffusion3:
         self.denoiser = parts.transformer
         self.scheduler_config = parts.scheduler_config
         self.device = device
-        self.latent_format = LatentFormat(
-            channels=parts.vae.config.latent_channels,
-            scaling_factor=parts.vae.config.scaling_factor,
-            shift_factor=parts.vae.config.get("shift_factor") or 0.0,
-            vae_scale_factor=2 ** (len(parts.vae.config.block_out_channels) - 1),
-            latent_rgb_factors=LATENT_RGB_FACTORS,
-            latent_rgb_source="SD3 factors",
-        )
+        self.latent_format = LatentFormat.of_vae(parts.vae, LATENT_RGB_FACTORS, "SD3 factors")
 
     @classmethod
     def load(

@@ -55,14 +55,7 @@ class StableDiffusionXL:
         self.force_zeros_for_empty_prompt = parts.force_zeros_for_empty_prompt
         self.requires_aesthetics_score = parts.requires_aesthetics_score
         self.device = device
-        self.latent_format = LatentFormat(
-            channels=parts.vae.config.latent_channels,
-            scaling_factor=parts.vae.config.scaling_factor,
-            shift_factor=parts.vae.config.get("shift_factor") or 0.0,
-            vae_scale_factor=2 ** (len(parts.vae.config.block_out_channels) - 1),
-            latent_rgb_factors=LATENT_RGB_FACTORS,
-            latent_rgb_source="SDXL factors",
-        )
+        self.latent_format = LatentFormat.of_vae(parts.vae, LATENT_RGB_FACTORS, "SDXL factors")
         self.inpainting = parts.unet.config.in_channels == INPAINTING_CHANNELS
 
     @classmethod
