@@ -248,11 +248,11 @@ class RecipeFile(_Strict):
     negative_prompt: str = ""
     prompt_2: str = Field(
         default="",
-        description="SDXL only: the prompt of its second text encoder (OpenCLIP bigG); "
-        "default: the same prompt",
+        description="SDXL and SD 3: the prompt of their second CLIP text encoder (OpenCLIP "
+        "bigG); default: the same prompt",
     )
     negative_prompt_2: str = Field(
-        default="", description="SDXL only: the second text encoder's negative prompt"
+        default="", description="SDXL and SD 3: the second CLIP text encoder's negative prompt"
     )
     strength: Strength | list[Strength] | Range = 0.75
     steps: Steps | list[Steps] | Range = 50
