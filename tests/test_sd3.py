@@ -155,7 +155,7 @@ def test_a_batch_is_each_jobs_image_within_one_level(
 def test_the_prompt_embedding_holds_clip_then_t5_and_both_projections(
     sd3_engine: Engine,
 ) -> None:
-    embedding = sd3_engine.family.encode_prompt(PromptText("fire"))
+    embedding = sd3_engine.family.encode_prompt(PromptText("fire"), 1)
     transformer = sd3_engine.family.denoiser.config
     assert embedding.hidden_states.shape == (1, 77 + 256, transformer.joint_attention_dim)
     assert embedding.pooled is not None
