@@ -110,5 +110,19 @@ def tiny_refiner_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable-Diffusion-3-architecture model with seeded random weights
+    (tools/tiny_sd3.py)."""
+    from tools.tiny_sd3 import write_tiny_sd3
+
+    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_folder: Path) -> ModelSource:
+    return resolve_model(str(tiny_sd3_folder), Path("."))
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tiny_sdxl_folder: Path) -> ModelSource:
     return resolve_model(str(tiny_sdxl_folder), Path("."))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from batchgen.cli import main
-from batchgen.engine.images import read_header
+from batchgen.engine.images import PreparedImage, read_header
+from batchgen.engine.schedulers import scheduler_spec
 from batchgen.jobs.job import InitImage, Job
 from batchgen.store.images import image_filename
 from batchgen.store.manifest import ManifestRow
@@ -216,3 +219,157 @@ def gradient_image(size: int = 16) -> Image.Image:
     image = Image.new("RGB", (size, size))
     image.putdata([(x * 16, y * 16, (x + y) * 8) for y in range(size) for x in range(size)])
     return image
+
+
+# --- runs on a family's tiny model (tests/test_family_runs.py, test_sdxl_runs.py, test_sd3_runs.py)
+
+# 2 prompts × 2 cfg × 2 seeds; each family adds its scheduler and second prompt (Family.sweep).
+SWEEP = """
+init_images: [pictures/gradient.png]
+prompts: [fire, "cheery open fire, photograph"]
+negative_prompt: blurry
+cfg: [4.0, 7.5]
+seeds: [1, 2]
+strength: 0.5
+steps: 4
+"""
+SWEEP_JOBS = 8
+# One job per seed: what the variations, feedback and intermediates tests build on.
+ONE_PROMPT = "init_images: [pictures/gradient.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
+# The inpainting pictures: a red frame around a transparent square with blue under it.
+SIZE = 64
+HOLE = (16, 16, 47, 47)  # inclusive box of the transparent square: latents 2..5 of 8
+FRAME, HIDDEN = (200, 60, 40), (40, 80, 200)
+MASK_BLUR = 2
+
+
+def run(recipe: Path, *options: str) -> str:
+    """`batchgen run RECIPE OPTIONS`, which must succeed; its output."""
+    code, output = invoke("run", str(recipe), *options)
+    assert code == 0, output
+    return output
+
+
+def fire_at_cfg_4(body: str) -> str:
+    """The sweep's `body` cut to its jobs for "fire" at cfg 4.0: the same ids as the sweep's."""
+    body = body.replace('prompts: [fire, "cheery open fire, photograph"]', "prompts: [fire]")
+    return body.replace("cfg: [4.0, 7.5]", "cfg: 4.0")
+
+
+def ledger_rows(ledger: Path) -> dict[str, dict[str, str]]:
+    """One ledger's rows by job id."""
+    with ledger.open(newline="") as file:
+        return {row["id"]: row for row in csv.DictReader(file)}
+
+
+def rows_by_id(run_dir: Path) -> dict[str, dict[str, str]]:
+    """Every ledger's rows (manifest.csv and manifests/*.csv), by job id."""
+    rows = {}
+    for ledger in [run_dir / "manifest.csv", *sorted((run_dir / "manifests").glob("*.csv"))]:
+        if ledger.exists():
+            rows.update(ledger_rows(ledger))
+    return rows
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def pixels_by_id(run_dir: Path) -> dict[str, np.ndarray]:
+    return {job_id: pixels(run_dir / row["path"]) for job_id, row in rows_by_id(run_dir).items()}
+
+
+def image_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((run_dir / "images").glob("*.png"))}
+
+
+def png_text(path: Path, key: str) -> str:
+    with Image.open(path) as image:
+        text: str = image.text[key]  # type: ignore[attr-defined]
+    return text
+
+
+def grid_jobs(path: Path) -> list[str]:
+    jobs: list[str] = json.loads(png_text(path, "batchgen-grid"))["jobs"]
+    return jobs
+
+
+def holed_picture(path: Path) -> Path:
+    """A red picture whose middle square is transparent, blue kept under it (IMG2IMG.md)."""
+    image = Image.new("RGBA", (SIZE, SIZE), (*FRAME, 255))
+    ImageDraw.Draw(image).rectangle(HOLE, fill=(*HIDDEN, 0))
+    image.save(path)
+    return path
+
+
+def hole(image: np.ndarray) -> np.ndarray:
+    left, top, right, bottom = HOLE
+    return image[top : bottom + 1, left : right + 1]
+
+
+def beyond_the_feathering(image: np.ndarray) -> np.ndarray:
+    """The opaque pixels more than the blur's reach (3 × mask_blur) away from the hole."""
+    keep = np.ones(image.shape[:2], dtype=bool)
+    left, top, right, bottom = HOLE
+    margin = 3 * MASK_BLUR
+    keep[top - margin : bottom + margin + 1, left - margin : right + margin + 1] = False
+    return image[keep]
+
+
+def inpainting_run(model: Path, folder: Path) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
+    """A transparent-hole picture run on `model`: its row, the init's and the image's pixels."""
+    body = (
+        "init_images: [pictures/hole.png]\nprompts: [a blue door]\nstrength: 0.75\nsteps: 4\n"
+        f"seeds: [3]\nmask_blur: {MASK_BLUR}\n"
+    )
+    recipe = write_recipe(folder, f"model: {model}\n{body}")
+    path = holed_picture(folder / "pictures" / "hole.png")
+    run(recipe)
+    (row,) = manifest(folder / "out")
+    return row, pixels(path), pixels(folder / "out" / row["path"])
+
+
+# --- diffusers' own pipelines, what a family's pixels are checked against -----------------------
+
+
+def local_pipeline(class_name: str, folder: Path) -> Any:
+    """diffusers' `class_name` pipeline from `folder`, quiet, remembering the model's scheduler
+    config for `use_scheduler`."""
+    import diffusers
+
+    pipe = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+def use_scheduler(pipe: Any, name: str) -> None:
+    """The pipeline's scheduler as batchgen builds `name`: its class, from the model's config."""
+    import diffusers
+
+    spec = scheduler_spec(name)
+    scheduler_class = getattr(diffusers, spec.class_name)
+    pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
+
+
+def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
+    """The job through a two-prompt pipeline (SDXL's, SD 3's) with the generator batchgen
+    matches; an empty negative prompt is None, as a user leaves it out."""
+    import torch
+
+    use_scheduler(pipe, job.scheduler)
+    images = pipe(
+        prompt=job.prompt,
+        prompt_2=job.prompt_2 or None,
+        negative_prompt=job.negative_prompt or None,
+        negative_prompt_2=job.negative_prompt_2 or None,
+        image=init.rgb,
+        strength=job.strength,
+        num_inference_steps=job.steps_nominal,
+        guidance_scale=job.cfg,
+        generator=torch.Generator("cpu").manual_seed(job.seed),
+        output_type="np",
+        **options,
+    ).images
+    return np.asarray(images[0])

@@ -7,7 +7,7 @@ latent→RGB factors and exact VAE decodes; shards and `--fast` on SDXL. tests/t
 and tests/test_sd3.py check the engine's pixels against diffusers' pipelines; this file checks
 that everything built on the SD 1.x family holds for both. What only one family has (SDXL's
 inpainting UNet and pooled prompt cache, SD3's flow schedulers) is in tests/test_sdxl_runs.py
-and tests/test_sd3_runs.py, which use this file's helpers.
+and tests/test_sd3_runs.py; the helpers they share are in tests/helpers.py.
 
 Every test runs once per family (`family`, module-scoped: one model folder, one engine and one
 shared sweep per family). The runs are small (64×48 or 64×64, 2 denoising steps)."""
@@ -23,40 +23,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from batchgen import __version__
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.img2img import Engine
 from batchgen.jobs.matrix import expand
-from batchgen.models.source import ModelSource, resolve_model
+from batchgen.models.source import ModelSource
 from batchgen.recipe.load import load_recipe
 from batchgen.views.intermediates import GAP, LABEL_HEIGHT, NOTE_HEIGHT, STRIP_TEXT_KEY
-from tests.helpers import invoke, manifest, max_level_difference, write_recipe
+from tests.helpers import (
+    MASK_BLUR,
+    ONE_PROMPT,
+    SWEEP,
+    SWEEP_JOBS,
+    beyond_the_feathering,
+    fire_at_cfg_4,
+    grid_jobs,
+    hole,
+    image_bytes,
+    inpainting_run,
+    invoke,
+    ledger_rows,
+    manifest,
+    max_level_difference,
+    pixels,
+    pixels_by_id,
+    png_text,
+    rows_by_id,
+    run,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# 2 prompts × 2 cfg × 2 seeds; each family adds its scheduler and second prompt (Family.sweep).
-SWEEP = """
-init_images: [pictures/gradient.png]
-prompts: [fire, "cheery open fire, photograph"]
-negative_prompt: blurry
-cfg: [4.0, 7.5]
-seeds: [1, 2]
-strength: 0.5
-steps: 4
-"""
-SWEEP_JOBS = 8
-# One job per seed: what the variations, feedback and intermediates tests build on.
-ONE_PROMPT = "init_images: [pictures/gradient.png]\nprompts: [fire]\nstrength: 0.5\nsteps: 4\n"
 # The scheduler a flow-matching model's recipe gets where it names none: the model's own.
 SD3_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
-
-# The inpainting pictures: a red frame around a transparent square with blue under it.
-SIZE = 64
-HOLE = (16, 16, 47, 47)  # inclusive box of the transparent square: latents 2..5 of 8
-FRAME, HIDDEN = (200, 60, 40), (40, 80, 200)
-MASK_BLUR = 2
 
 
 # --- the families ---------------------------------------------------------------------------
@@ -95,9 +97,9 @@ class Family:
 
 
 @pytest.fixture(scope="module", params=["sdxl", "sd3"])
-def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
-    """Each family's tiny model and facts; SDXL's is conftest's tiny_sdxl (tools/tiny_sdxl.py),
-    which tests/test_sdxl_runs.py and others of the session share."""
+def family(request: pytest.FixtureRequest) -> Family:
+    """Each family's tiny model and facts: conftest's tiny_sdxl and tiny_sd3, which the
+    session's other tests share."""
     if request.param == "sdxl":
         folder: Path = request.getfixturevalue("tiny_sdxl_folder")
         # A second prompt for the second encoder, and an ancestral sampler: it draws from each
@@ -107,14 +109,12 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             sweep_scheduler="k_euler_a", sweep_prompt_2="oil painting of a hearth",
             sampler="Euler a", default_scheduler="k_lms", latent_factors="SDXL factors",
         )  # fmt: skip
-    from tools.tiny_sd3 import write_tiny_sd3
-
-    folder = write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+    folder = request.getfixturevalue("tiny_sd3_folder")
     # No scheduler: the model's own flow-matching Euler (its shift of 3 included), which
     # A1111-style readers know by Forge's name, Euler. No second prompt either (OpenCLIP
     # bigG's): test_prompt_2_changes_the_id_and_the_image gives it one.
     return Family(
-        folder, resolve_model(str(folder), Path(".")),
+        folder, request.getfixturevalue("tiny_sd3"),
         sweep_scheduler="", sweep_prompt_2="", sampler="Euler", default_scheduler=SD3_SCHEDULER,
         latent_factors="SD3 factors",
     )  # fmt: skip
@@ -141,96 +141,6 @@ def sweep(
     run(recipe)
     run(recipe, "--batch-size", "1", "--output", str(folder / "single"))
     return Sweep(recipe, folder / "out", folder / "single")
-
-
-# --- helpers (tests/test_sdxl_runs.py and tests/test_sd3_runs.py use them too) ----------------
-
-
-def run(recipe: Path, *options: str) -> str:
-    """`batchgen run RECIPE OPTIONS`, which must succeed; its output."""
-    code, output = invoke("run", str(recipe), *options)
-    assert code == 0, output
-    return output
-
-
-def fire_at_cfg_4(body: str) -> str:
-    """The sweep's `body` cut to its jobs for "fire" at cfg 4.0: the same ids as the sweep's."""
-    body = body.replace('prompts: [fire, "cheery open fire, photograph"]', "prompts: [fire]")
-    return body.replace("cfg: [4.0, 7.5]", "cfg: 4.0")
-
-
-def ledger_rows(ledger: Path) -> dict[str, dict[str, str]]:
-    """One ledger's rows by job id."""
-    with ledger.open(newline="") as file:
-        return {row["id"]: row for row in csv.DictReader(file)}
-
-
-def rows_by_id(run_dir: Path) -> dict[str, dict[str, str]]:
-    """Every ledger's rows (manifest.csv and manifests/*.csv), by job id."""
-    rows = {}
-    for ledger in [run_dir / "manifest.csv", *sorted((run_dir / "manifests").glob("*.csv"))]:
-        if ledger.exists():
-            rows.update(ledger_rows(ledger))
-    return rows
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def pixels_by_id(run_dir: Path) -> dict[str, np.ndarray]:
-    return {job_id: pixels(run_dir / row["path"]) for job_id, row in rows_by_id(run_dir).items()}
-
-
-def image_bytes(run_dir: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted((run_dir / "images").glob("*.png"))}
-
-
-def png_text(path: Path, key: str) -> str:
-    with Image.open(path) as image:
-        text: str = image.text[key]  # type: ignore[attr-defined]
-    return text
-
-
-def grid_jobs(path: Path) -> list[str]:
-    jobs: list[str] = json.loads(png_text(path, "batchgen-grid"))["jobs"]
-    return jobs
-
-
-def holed_picture(path: Path) -> Path:
-    """A red picture whose middle square is transparent, blue kept under it (IMG2IMG.md)."""
-    image = Image.new("RGBA", (SIZE, SIZE), (*FRAME, 255))
-    ImageDraw.Draw(image).rectangle(HOLE, fill=(*HIDDEN, 0))
-    image.save(path)
-    return path
-
-
-def hole(image: np.ndarray) -> np.ndarray:
-    left, top, right, bottom = HOLE
-    return image[top : bottom + 1, left : right + 1]
-
-
-def beyond_the_feathering(image: np.ndarray) -> np.ndarray:
-    """The opaque pixels more than the blur's reach (3 × mask_blur) away from the hole."""
-    keep = np.ones(image.shape[:2], dtype=bool)
-    left, top, right, bottom = HOLE
-    margin = 3 * MASK_BLUR
-    keep[top - margin : bottom + margin + 1, left - margin : right + margin + 1] = False
-    return image[keep]
-
-
-def inpainting_run(model: Path, folder: Path) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
-    """A transparent-hole picture run on `model`: its row, the init's and the image's pixels."""
-    body = (
-        "init_images: [pictures/hole.png]\nprompts: [a blue door]\nstrength: 0.75\nsteps: 4\n"
-        f"seeds: [3]\nmask_blur: {MASK_BLUR}\n"
-    )
-    recipe = write_recipe(folder, f"model: {model}\n{body}")
-    path = holed_picture(folder / "pictures" / "hole.png")
-    run(recipe)
-    (row,) = manifest(folder / "out")
-    return row, pixels(path), pixels(folder / "out" / row["path"])
 
 
 # --- a batched sweep ------------------------------------------------------------------------

@@ -10,34 +10,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import pytest
-import torch
 
 from batchgen.engine.families.base import PromptText
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.img2img import Engine
-from batchgen.engine.schedulers import FLOW_SCHEDULERS, scheduler_spec
+from batchgen.engine.schedulers import FLOW_SCHEDULERS
 from batchgen.jobs.job import Job
-from batchgen.models.source import ModelSource, resolve_model
+from batchgen.models.source import ModelSource
 from batchgen.recipe.load import load_recipe
 from batchgen.recipe.problems import RecipeError
-from tests.helpers import invoke, manifest, max_level_difference, write_recipe
+from tests.helpers import (
+    invoke,
+    local_pipeline,
+    manifest,
+    max_level_difference,
+    pipeline_pixels,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.tiny_sd3 import write_tiny_sd3
-
-    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tiny_sd3_folder: Path) -> ModelSource:
-    return resolve_model(str(tiny_sd3_folder), Path("."))
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +40,7 @@ def sd3_engine(tiny_sd3: ModelSource) -> Engine:
 
 @pytest.fixture(scope="module")
 def sd3_pipeline(tiny_sd3_folder: Path) -> Any:
-    pipe = diffusers.StableDiffusion3Img2ImgPipeline.from_pretrained(
-        tiny_sd3_folder, local_files_only=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.model_scheduler_config = dict(pipe.scheduler.config)
-    return pipe
+    return local_pipeline("StableDiffusion3Img2ImgPipeline", tiny_sd3_folder)
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +51,9 @@ def sd3_job(job: Job, tiny_sd3: ModelSource) -> Job:
     )
 
 
-def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
-    spec = scheduler_spec(job.scheduler)
-    scheduler_class = getattr(diffusers, spec.class_name)
-    pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
-    images = pipe(
-        prompt=job.prompt,
-        prompt_2=job.prompt_2 or None,
-        negative_prompt=job.negative_prompt or None,
-        negative_prompt_2=job.negative_prompt_2 or None,
-        image=init.rgb,
-        height=job.height,  # else the pipeline resizes to its transformer's sample size
-        width=job.width,
-        strength=job.strength,
-        num_inference_steps=job.steps_nominal,
-        guidance_scale=job.cfg,
-        generator=torch.Generator("cpu").manual_seed(job.seed),
-        output_type="np",
-        **options,
-    ).images
-    return np.asarray(images[0])
+def sd3_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
+    # The size, or the pipeline resizes to its transformer's sample size.
+    return pipeline_pixels(pipe, job, init, height=job.height, width=job.width, **options)
 
 
 def test_an_sd3_folder_is_the_flow_matching_sd3_family(sd3_engine: Engine) -> None:
@@ -102,7 +73,7 @@ def test_every_flow_scheduler_matches_the_sd3_img2img_pipeline(
 ) -> None:
     job = replace(sd3_job, scheduler=scheduler, negative_prompt=negative_prompt)
     ours = sd3_engine.render_pixels(job, init)
-    theirs = pipeline_pixels(sd3_pipeline, job, init)
+    theirs = sd3_pixels(sd3_pipeline, job, init)
     assert ours.shape == theirs.shape == (job.height, job.width, 3)
     assert np.array_equal(ours, theirs)
 
@@ -123,9 +94,7 @@ def test_prompt_and_guidance_options_match_the_pipeline(
     changes: dict[str, Any],
 ) -> None:
     job = replace(sd3_job, **{"negative_prompt": "smoke", **changes})
-    assert np.array_equal(
-        sd3_engine.render_pixels(job, init), pipeline_pixels(sd3_pipeline, job, init)
-    )
+    assert np.array_equal(sd3_engine.render_pixels(job, init), sd3_pixels(sd3_pipeline, job, init))
 
 
 def test_clip_skip_moves_both_clip_encoders_to_an_earlier_layer(
@@ -135,7 +104,7 @@ def test_clip_skip_moves_both_clip_encoders_to_an_earlier_layer(
     for any negative prompt, where batchgen (as A1111) skips for both halves."""
     job = replace(sd3_job, clip_skip=2, cfg=1.0)
     ours = sd3_engine.render_pixels(job, init)
-    assert np.array_equal(ours, pipeline_pixels(sd3_pipeline, job, init, clip_skip=1))
+    assert np.array_equal(ours, sd3_pixels(sd3_pipeline, job, init, clip_skip=1))
     assert not np.array_equal(ours, sd3_engine.render_pixels(replace(job, clip_skip=1), init))
 
 

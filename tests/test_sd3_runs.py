@@ -20,31 +20,21 @@ from batchgen.engine.denoise import StepState
 from batchgen.engine.images import prepare
 from batchgen.engine.img2img import Engine
 from batchgen.jobs.job import Job
-from batchgen.models.source import ModelSource, resolve_model
-from tests.helpers import init_image, manifest, write_recipe
-from tests.test_family_runs import (
+from batchgen.models.source import ModelSource
+from tests.helpers import (
     SIZE,
     SWEEP,
     fire_at_cfg_4,
     holed_picture,
+    init_image,
+    manifest,
     pixels,
     png_text,
     run,
+    write_recipe,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tools.tiny_sd3 import write_tiny_sd3
-
-    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tiny_sd3_folder: Path) -> ModelSource:
-    return resolve_model(str(tiny_sd3_folder), Path("."))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -17,10 +16,18 @@ import torch
 from batchgen.engine.families.base import PromptText
 from batchgen.engine.images import PreparedImage
 from batchgen.engine.img2img import Engine
-from batchgen.engine.schedulers import SCHEDULER_NAMES, scheduler_spec
+from batchgen.engine.schedulers import SCHEDULER_NAMES
 from batchgen.jobs.job import Job
 from batchgen.models.source import ModelSource, resolve_model
-from tests.helpers import invoke, manifest, max_level_difference, write_recipe
+from tests.helpers import (
+    invoke,
+    local_pipeline,
+    manifest,
+    max_level_difference,
+    pipeline_pixels,
+    use_scheduler,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,41 +47,12 @@ def sdxl_engine(tiny_sdxl: ModelSource) -> Engine:
 
 @pytest.fixture(scope="module")
 def sdxl_pipeline(tiny_sdxl_folder: Path) -> Any:
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        tiny_sdxl_folder, local_files_only=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.model_scheduler_config = dict(pipe.scheduler.config)
-    return pipe
+    return local_pipeline("StableDiffusionXLImg2ImgPipeline", tiny_sdxl_folder)
 
 
 @pytest.fixture(scope="module")
 def sdxl_job(job: Job, tiny_sdxl: ModelSource) -> Job:
     return replace(job, model=tiny_sdxl.identity, steps=6, scheduler="k_euler")
-
-
-def use_scheduler(pipe: Any, name: str) -> None:
-    spec = scheduler_spec(name)
-    scheduler_class = getattr(diffusers, spec.class_name)
-    pipe.scheduler = scheduler_class.from_config(pipe.model_scheduler_config, **spec.config)
-
-
-def pipeline_pixels(pipe: Any, job: Job, init: PreparedImage, **options: Any) -> np.ndarray:
-    use_scheduler(pipe, job.scheduler)
-    images = pipe(
-        prompt=job.prompt,
-        prompt_2=job.prompt_2 or None,
-        negative_prompt=job.negative_prompt or None,  # None: the pipeline's zeros
-        negative_prompt_2=job.negative_prompt_2 or None,
-        image=init.rgb,
-        strength=job.strength,
-        num_inference_steps=job.steps_nominal,
-        guidance_scale=job.cfg,
-        generator=torch.Generator("cpu").manual_seed(job.seed),
-        output_type="np",
-        **options,
-    ).images
-    return np.asarray(images[0])
 
 
 def test_an_sdxl_folder_is_the_sdxl_family(tiny_sdxl: ModelSource) -> None:
@@ -152,12 +130,7 @@ def tiny_refiner(tiny_refiner_folder: Path) -> ModelSource:
 
 @pytest.fixture(scope="module")
 def refiner_pipeline(tiny_refiner: ModelSource) -> Any:
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(
-        tiny_refiner.path, local_files_only=True
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.model_scheduler_config = dict(pipe.scheduler.config)
-    return pipe
+    return local_pipeline("StableDiffusionXLImg2ImgPipeline", tiny_refiner.path)
 
 
 def test_the_refiner_matches_the_pipeline_with_its_aesthetic_scores(

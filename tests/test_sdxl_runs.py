@@ -20,8 +20,14 @@ from batchgen.engine.images import PreparedImage, prepare
 from batchgen.engine.img2img import BoundedCache, Engine
 from batchgen.jobs.job import Job
 from batchgen.models.source import ModelSource, resolve_model
-from tests.helpers import init_image
-from tests.test_family_runs import SIZE, beyond_the_feathering, hole, holed_picture, inpainting_run
+from tests.helpers import (
+    SIZE,
+    beyond_the_feathering,
+    hole,
+    holed_picture,
+    init_image,
+    inpainting_run,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
