@@ -22,18 +22,23 @@ from pydantic import (
 
 from batchgen import __version__
 from batchgen.engine.images import InitImageError, read_header
-from batchgen.engine.schedulers import FLOW_SCHEDULER_NAMES, UnknownSchedulerError, scheduler_spec
+from batchgen.engine.schedulers import UnknownSchedulerError, scheduler_spec
 from batchgen.jobs.job import InitImage, Job, StepsMode
 from batchgen.jobs.parameters import AXIS_OF_KEY
-from batchgen.models.families import FAMILIES, UnsupportedFamilyError, is_refiner_folder
+from batchgen.models.families import UnsupportedFamilyError
 from batchgen.models.source import (
     CONFIGS_DIR,
     ConfigNotFoundError,
     ModelNotFoundError,
     ModelSource,
-    own_scheduler,
     resolve_model,
     resolve_vae,
+)
+from batchgen.recipe.model_checks import (
+    REFINER_AXES,
+    SECOND_PROMPTS,
+    ModelChecks,
+    refiner_values,
 )
 from batchgen.recipe.problems import PathKey, Problem, RecipeError, YamlDocument, did_you_mean
 from batchgen.recipe.schema import (
@@ -44,7 +49,6 @@ from batchgen.recipe.schema import (
     IntermediatesSpec,
     Range,
     RecipeFile,
-    RefinerSpec,
     SchedulerChoice,
     SeedRange,
     VariationMode,
@@ -56,14 +60,6 @@ from batchgen.recipe.schema import (
 AXES: tuple[str, ...] = tuple(
     dict.fromkeys(["model", *AXIS_OF_KEY.values(), "variation_count", "variation_amount"])
 )
-
-
-# The recipe keys that go to a second text encoder, and the families that have one.
-SECOND_PROMPTS = ("prompt_2", "negative_prompt_2")
-TWO_ENCODERS = frozenset({"sdxl", "sd3"})
-# The axes of `refiner:`, in a recipe's axes only when it has one: the refiner right after the
-# model (each loads once), its switch just before the variations.
-REFINER_AXES = ("refiner", "refiner_switch")
 
 
 @dataclass(frozen=True)
@@ -205,30 +201,6 @@ def load_recipe(path: str | Path, output: Path | None = None) -> Recipe:
     return recipe
 
 
-def _is_flow_scheduler(name: str) -> bool:
-    try:
-        return scheduler_spec(name).flow
-    except UnknownSchedulerError:
-        return False  # reported where the name is checked
-
-
-def _refiner_values(spec: RefinerSpec | None) -> tuple[Any, Any]:
-    return (spec.model, spec.switch) if spec is not None else (None, None)
-
-
-def is_sdxl_refiner(source: ModelSource) -> bool:
-    """Whether a model is an SDXL refiner, from its (or its config's) model_index.json."""
-    folder = source.config or source.path
-    return source.family == "sdxl" and is_refiner_folder(folder)
-
-
-def describe_model(source: ModelSource) -> str:
-    """What a model is, for messages: "an SDXL refiner", "a Stable Diffusion 1.x/2.x model"."""
-    if is_sdxl_refiner(source):
-        return "an SDXL refiner"
-    return f"a {FAMILIES[source.family].title} model"
-
-
 class _Resolver:
     """Checks that need the disk or the name tables, collecting problems as it goes."""
 
@@ -240,6 +212,7 @@ class _Resolver:
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.single_files = 0  # single-file checkpoints among the models: what `config:` is for
+        self.model_checks = ModelChecks(shape, set(doc.data), self.base, self.fail)
         self.init_images: dict[Path, InitImage] = {}
 
     def fail(self, path: PathKey, message: str, hint: str | None = None) -> None:
@@ -261,7 +234,7 @@ class _Resolver:
             "cfg": self._numbers("cfg", shape.cfg, float),
             "seed": self._seeds(),
             "scheduler": self._schedulers(),
-            **self._refiner_axes(),
+            **self.model_checks.refiner_axes(),
             "variation_count": self._variation_axis("count"),
             "variation_amount": self._variation_axis("amount"),
         }
@@ -281,7 +254,7 @@ class _Resolver:
             }
             | {
                 axis
-                for axis, value in zip(REFINER_AXES, _refiner_values(shape.refiner), strict=True)
+                for axis, value in zip(REFINER_AXES, refiner_values(shape.refiner), strict=True)
                 if isinstance(value, list)
             }
         )
@@ -290,9 +263,9 @@ class _Resolver:
         include = self._matrix_entries("include", axes)
         exclude = self._matrix_entries("exclude", axes)
         self._check_config()
-        self._check_second_prompts(axes["model"])
-        self._check_refined_models(axes["model"])
-        self._check_scheduler_kinds(axes["model"], axes["scheduler"])
+        self.model_checks.check_second_prompts(axes["model"])
+        self.model_checks.check_refined_models(axes["model"])
+        self.model_checks.check_scheduler_kinds(axes["model"], axes["scheduler"])
         return Recipe(
             path=self.doc.file,
             name=name,
@@ -358,103 +331,6 @@ class _Resolver:
                 "applies to single-file checkpoints only, and no `model:` is one",
                 "remove `config:`: diffusers folders and hub models carry their own configs",
             )
-
-    def _check_second_prompts(self, models: Sequence[ModelSource]) -> None:
-        """`prompt_2` and `negative_prompt_2` go to a second text encoder, which only some
-        families have."""
-        single_encoder = [model.reference for model in models if model.family not in TWO_ENCODERS]
-        for key in SECOND_PROMPTS:
-            if getattr(self.shape, key) and single_encoder:
-                self.fail(
-                    (key,),
-                    "goes to a second CLIP text encoder (SDXL's and SD 3's OpenCLIP bigG), and "
-                    f"{', '.join(single_encoder)} has only one",
-                    "remove it, or use an SDXL or SD 3 model",
-                )
-
-    def _refiner_axes(self) -> dict[str, tuple[Any, ...]]:
-        """`refiner:`'s models and switches as the axes `refiner` and `refiner_switch`; none
-        without it, so that a recipe without a refiner has the axes it always had."""
-        spec = self.shape.refiner
-        if spec is None:
-            return {}
-        listed = isinstance(spec.model, list)
-        references = spec.model if isinstance(spec.model, list) else [spec.model]
-        if not references:
-            self.fail(("refiner", "model"), "is empty", "name the SDXL refiner")
-        refiners = []
-        for index, reference in enumerate(references):
-            where: PathKey = ("refiner", "model", index) if listed else ("refiner", "model")
-            source = self._refiner(where, reference)
-            if source is not None:
-                refiners.append(source)
-        _, switches = _refiner_values(spec)
-        switch_list = switches if isinstance(switches, list) else [switches]
-        if not switch_list:
-            self.fail(("refiner", "switch"), "is empty", "e.g. `switch: 0.8`")
-        return {
-            "refiner": tuple(dict.fromkeys(refiners)),
-            "refiner_switch": tuple(dict.fromkeys(float(value) for value in switch_list)),
-        }
-
-    def _refiner(self, where: PathKey, reference: str) -> ModelSource | None:
-        try:
-            # Its own architecture, detected: `config:` describes the models' single files.
-            source = resolve_model(reference, self.base)
-        except (ModelNotFoundError, UnsupportedFamilyError) as error:
-            self.fail(where, str(error), error.hint)
-            return None
-        if not is_sdxl_refiner(source):
-            self.fail(
-                where,
-                f"`{reference}` is {describe_model(source)}, not an SDXL refiner",
-                "give SDXL's refiner (sd_xl_refiner_1.0), or remove `refiner:`",
-            )
-            return None
-        return source
-
-    def _check_refined_models(self, models: Sequence[ModelSource]) -> None:
-        """A refiner continues the denoising of an SDXL base model's latents."""
-        if self.shape.refiner is None:
-            return
-        others = [model for model in models if model.family != "sdxl" or is_sdxl_refiner(model)]
-        for model in others:
-            self.fail(
-                ("refiner",),
-                f"continues the denoising of an SDXL base model, and `{model.reference}` is "
-                f"{describe_model(model)}",
-                "use an SDXL base model as `model:`, or remove `refiner:`",
-            )
-
-    def _check_scheduler_kinds(
-        self, models: Sequence[ModelSource], schedulers: Sequence[str]
-    ) -> None:
-        """Flow-matching models take flow matching's schedulers, the others theirs; a recipe
-        that names none gives a flow model its own, which batchgen must know."""
-        written = "scheduler" in self.doc.data
-        for model in models:
-            flow = FAMILIES[model.family].flow_matching
-            if not written:
-                own = own_scheduler(model)
-                if flow and not _is_flow_scheduler(own):
-                    self.fail(
-                        ("model",),
-                        f"`{model.reference}`'s own scheduler `{own or '(none)'}` is not one "
-                        "batchgen runs flow-matching models with",
-                        f"name one: `scheduler: {FLOW_SCHEDULER_NAMES[0]}`",
-                    )
-                continue
-            wrong = [name for name in schedulers if _is_flow_scheduler(name) != flow]
-            if wrong:
-                kind = "flow-matching" if flow else "noise-predicting UNet"
-                right = FLOW_SCHEDULER_NAMES[:2] if flow else ("k_lms", "k_euler")
-                self.fail(
-                    ("scheduler",),
-                    f"{', '.join(f'`{name}`' for name in wrong)} cannot run `{model.reference}`, "
-                    f"a {FAMILIES[model.family].title} ({kind}) model",
-                    f"use {' or '.join(right)}, or see `batchgen schedulers`"
-                    + ("; left out, the model's own is used" if flow else ""),
-                )
 
     def _vae(self) -> ModelSource | None:
         if self.shape.vae is None:
